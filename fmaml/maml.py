@@ -1,0 +1,303 @@
+"""The pure functional core of fmaml: MAML as functions over dicts of tensors.
+
+Nothing here knows about Lightning, torchmeta or configs. State is explicit:
+
+    params   dict name -> Tensor, the meta-learned initial weights (what the outer loop updates)
+    buffers  dict name -> Tensor, non-learned state (BatchNorm must not track running stats)
+    tasks    {"support": (x, y), "query": (x, y)}, every tensor with a leading task dimension:
+             x [tasks, ways*shots, C, H, W] (or [tasks, K, features]), y [tasks, ways*shots] (or [tasks, K, 1])
+
+The layers, from the inside out:
+
+    adapt(params, buffers, support)           -> adapted params          inner SGD, one task
+    task_loss(params, buffers, task)          -> (query loss, metrics)   adapt + evaluate, one task
+    task_loss_and_grad(params, buffers, task) -> (grads, loss, metrics)  d task_loss / d params, one task
+    meta_loss(params, buffers, tasks)         -> (mean loss, metrics)    every task, by a strategy
+
+Why the meta-gradient is taken per task, inside the strategy: autograd over `vmap(grad(f))` through
+`F.batch_norm(training=True)` gives wrong second-order gradients (a batching-rule bug in batch_norm's
+backward, pytorch/functorch#534; see ../shared/repros/vmap_batchnorm_double_backward.py), while
+`vmap(grad(grad(f)))` is exact. So `meta_loss` computes each task's exact meta-gradient with
+`torch.func.grad` inside the vectorised function and hands it to autograd through a small
+`autograd.Function`: callers still write `meta_loss(...)[0].backward()`, and the result is exact under
+every strategy, for any model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+Params = dict[str, Tensor]
+Tasks = Mapping[str, tuple[Tensor, Tensor]]
+LossName = Literal["cross_entropy", "mse"]
+# The inner learning rate: one float; a dict of per-parameter rates (Meta-SGD: a float or a tensor
+# shaped like the parameter); or a sequence of either, one per inner step (MAML++ per-step rates).
+InnerLR = (
+    float | Tensor | Mapping[str, float | Tensor] | Sequence[float | Tensor | Mapping[str, float | Tensor]]
+)
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+STRATEGIES = ("auto", "vmap", "loop", "chunked:N")
+
+
+# ---------------------------------------------------------------------------------------------- one task
+
+
+def _lr_for(lr: InnerLR, step: int, name: str) -> float | Tensor:
+    if isinstance(lr, Sequence) and not isinstance(lr, str):
+        lr = lr[step]
+    if isinstance(lr, Mapping):
+        lr = lr[name]
+    return lr
+
+
+def adapt(
+    params: Params,
+    buffers: Params,
+    support: tuple[Tensor, Tensor],
+    *,
+    model: nn.Module,
+    loss: LossName = "cross_entropy",
+    steps: int = 1,
+    lr: InnerLR = 0.4,
+    first_order: bool = False,
+) -> Params:
+    """Adapt `params` to one task by `steps` steps of SGD on its support set.
+
+    support: (x [ways*shots, ...], y [ways*shots] or [K, 1]), a single task (no task dimension).
+    Returns the adapted params, differentiable w.r.t. `params` (second order) unless `first_order`,
+    which detaches each inner gradient (FOMAML).
+    """
+    x, y = support
+    loss_fn = LOSSES[loss]
+
+    def support_loss(p: Params) -> Tensor:
+        return loss_fn(functional_call(model, (p, buffers), (x,)), y)
+
+    for step in range(steps):
+        grads = grad(support_loss)(params)
+        if first_order:
+            grads = {name: g.detach() for name, g in grads.items()}
+        params = {name: p - _lr_for(lr, step, name) * grads[name] for name, p in params.items()}
+    return params
+
+
+def _evaluate(params: Params, buffers: Params, x: Tensor, y: Tensor, model: nn.Module, loss: LossName):
+    out = functional_call(model, (params, buffers), (x,))
+    value = LOSSES[loss](out, y)
+    accuracy = (out.argmax(-1) == y).float().mean() if loss == "cross_entropy" else None
+    return value, accuracy
+
+
+def task_loss(
+    params: Params,
+    buffers: Params,
+    task: Tasks,
+    *,
+    model: nn.Module,
+    loss: LossName = "cross_entropy",
+    steps: int = 1,
+    lr: InnerLR = 0.4,
+    first_order: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Adapt on one task's support set, then evaluate on its query set.
+
+    task: {"support": (x, y), "query": (x, y)} for a single task (no task dimension).
+    Returns (query loss after adaptation, metrics). metrics holds scalar tensors: "loss", "loss_before"
+    (query loss with the unadapted params), and for classification "accuracy" and "accuracy_before".
+    """
+    adapted = adapt(
+        params, buffers, task["support"], model=model, loss=loss, steps=steps, lr=lr, first_order=first_order
+    )
+    query_x, query_y = task["query"]
+    value, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss)
+    with torch.no_grad():  # the "before" numbers are only reported, never differentiated
+        value_before, accuracy_before = _evaluate(params, buffers, query_x, query_y, model, loss)
+    metrics = {"loss": value.detach(), "loss_before": value_before}
+    if accuracy is not None:
+        metrics |= {"accuracy": accuracy, "accuracy_before": accuracy_before}
+    return value, metrics
+
+
+def task_loss_and_grad(params: Params, buffers: Params, task: Tasks, **config) -> tuple[Params, Tensor, dict]:
+    """d task_loss / d params for one task, exact to second order: (grads, query loss, metrics)."""
+    grads, (value, metrics) = grad_and_value(task_loss, has_aux=True)(params, buffers, task, **config)
+    return grads, value, metrics
+
+
+# ------------------------------------------------------------------------------------------ strategies
+
+
+def _over_tasks(fn: Callable, params: Params, buffers: Params, tasks: Tasks, strategy: str):
+    """Apply `fn(params, buffers, task)` to every task; outputs are stacked along a new task dim."""
+    if strategy == "vmap":
+        return vmap(fn, in_dims=(None, None, 0), randomness="different")(params, buffers, tasks)
+    if strategy.startswith("chunked:"):
+        chunk = int(strategy.removeprefix("chunked:"))
+        return vmap(fn, in_dims=(None, None, 0), randomness="different", chunk_size=chunk)(
+            params, buffers, tasks
+        )
+    num_tasks = tasks["support"][0].shape[0]
+    per_task = [fn(params, buffers, _select(tasks, i)) for i in range(num_tasks)]
+    return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *per_task)
+
+
+def _select(tasks: Tasks, i: int) -> Tasks:
+    return {split: (x[i], y[i]) for split, (x, y) in tasks.items()}
+
+
+def resolve_strategy(strategy: str, model: nn.Module, device: torch.device | str) -> str:
+    """Turn "auto" into a concrete strategy for this model and device.
+
+    The rule, measured by benchmarks/bench_vs_higher.py: on CPU, vmap over convolution weights runs as a
+    batched grouped convolution whose (double) backward is slow, so a per-task loop wins on conv nets
+    (about 2.7x on the Omniglot ConvNet); on models without convolutions (the sinusoid MLP) vmap wins by
+    about 10x. On CUDA, vmap wins on both.
+    """
+    if strategy != "auto":
+        return strategy
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return "loop" if torch.device(device).type == "cpu" and has_conv else "vmap"
+
+
+# ------------------------------------------------------------------------------------------ meta-batch
+
+
+class _ExactMetaLoss(torch.autograd.Function):
+    """Mean query loss whose backward is the mean of per-task gradients computed in the forward.
+
+    The forward receives the already-computed values; this Function only connects them to `params`
+    in the autograd graph, so that `.backward()` (and DDP's gradient hooks) see the exact gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, grads: tuple[Tensor, ...], *params: Tensor) -> Tensor:
+        ctx.save_for_backward(*grads)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        return (None, None, *(grad_output * g for g in ctx.saved_tensors))
+
+
+def meta_loss(
+    params: Params,
+    buffers: Params,
+    tasks: Tasks,
+    *,
+    model: nn.Module,
+    loss: LossName = "cross_entropy",
+    steps: int = 1,
+    lr: InnerLR = 0.4,
+    first_order: bool = False,
+    strategy: str = "auto",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The MAML meta-objective over a meta-batch: the mean over tasks of the post-adaptation query loss.
+
+    tasks: {"support": (x, y), "query": (x, y)}, x [tasks, ways*shots, C, H, W], y [tasks, ways*shots]
+           (regression: x [tasks, K, in], y [tasks, K, out]).
+    strategy: how the same per-task function runs over the tasks: "vmap" (torch.func.vmap, all at once),
+              "loop" (a Python loop), "chunked:N" (vmap over N tasks at a time, to bound memory), or
+              "auto" (see `resolve_strategy`). All give the same loss and meta-gradient.
+    Returns (loss, metrics): `loss` is a scalar; when grad is enabled and some param requires grad,
+    `loss.backward()` puts the exact (second-order unless `first_order`) meta-gradient in `.grad`.
+    `metrics` holds per-task tensors [tasks]: loss, loss_before, and for classification accuracy and
+    accuracy_before.
+    """
+    check_arguments(params, tasks, model=model, loss=loss, steps=steps, lr=lr, strategy=strategy)
+    strategy = resolve_strategy(strategy, model, tasks["support"][0].device)
+    config = dict(model=model, loss=loss, steps=steps, lr=lr, first_order=first_order)
+    names = [name for name, p in params.items() if p.requires_grad]
+    if not (torch.is_grad_enabled() and names):
+        # Evaluation: inner gradients only (torch.func.grad works under no_grad), no meta-gradient.
+        _, metrics = _over_tasks(
+            lambda p, b, t: task_loss(p, b, t, **config), params, buffers, tasks, strategy
+        )
+        return metrics["loss"].mean(), metrics
+
+    def per_task(p: Params, b: Params, t: Tasks):
+        return task_loss_and_grad(p, b, t, **config)
+
+    # Detached inputs: the gradient reaches params only through _ExactMetaLoss, never twice.
+    detached = {name: p.detach() for name, p in params.items()}
+    grads, values, metrics = _over_tasks(per_task, detached, buffers, tasks, strategy)
+    mean_grads = tuple(grads[name].mean(0) for name in names)
+    value = _ExactMetaLoss.apply(values.mean(), mean_grads, *(params[name] for name in names))
+    return value, metrics
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def _is_positive_number(value) -> bool:
+    if isinstance(value, Tensor):
+        return bool(torch.isfinite(value).all() and (value > 0).all())
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+
+
+def check_arguments(params: Params, tasks: Tasks, *, model, loss, steps, lr, strategy) -> None:
+    """Raise a ValueError that names the argument, its value and the fix, before any work starts."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r}: the number of inner steps must be an integer >= 1")
+    per_step = isinstance(lr, Sequence) and not isinstance(lr, str)
+    if per_step and len(lr) != steps:
+        raise ValueError(
+            f"lr has {len(lr)} per-step rates but steps={steps}: give exactly one rate per inner step"
+        )
+    rates = list(lr) if per_step else [lr]
+    for rate in rates:
+        for value in rate.values() if isinstance(rate, Mapping) else [rate]:
+            if not _is_positive_number(value):
+                raise ValueError(f"lr={value!r}: the inner learning rate must be a finite number > 0")
+        if isinstance(rate, Mapping) and (missing := sorted(set(params) - set(rate))):
+            raise ValueError(f"lr is a per-parameter dict but has no rate for {missing}: give one per param")
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is unknown: use one of {sorted(LOSSES)}")
+    if strategy not in ("auto", "vmap", "loop") and not _is_chunked(strategy):
+        raise ValueError(f"strategy={strategy!r} is unknown: use one of {', '.join(STRATEGIES)} (N >= 1)")
+    if not isinstance(tasks, Mapping) or set(tasks) != {"support", "query"}:
+        raise ValueError('tasks must be {"support": (x, y), "query": (x, y)}, got ' + _describe(tasks))
+    num_tasks = tasks["support"][0].shape[0]
+    for split, (x, y) in tasks.items():
+        if x.shape[0] != num_tasks or y.shape[0] != num_tasks:
+            raise ValueError(
+                f"tasks[{split!r}]: x {tuple(x.shape)} and y {tuple(y.shape)} must share the leading task "
+                f"dimension {num_tasks} of the support x"
+            )
+        if x.dim() < 2 or y.dim() < 2 or x.shape[1] != y.shape[1]:
+            raise ValueError(
+                f"tasks[{split!r}]: x {tuple(x.shape)} and y {tuple(y.shape)} must be [tasks, examples, ...] "
+                "with the same number of examples"
+            )
+    for module in model.modules():
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module.track_running_stats
+            and module.training
+        ):
+            raise ValueError(
+                f"model has {module} tracking running stats in train mode, which adaptation would update "
+                "in place: build it with track_running_stats=False (MAML uses batch statistics)"
+            )
+
+
+def _is_chunked(strategy) -> bool:
+    if not isinstance(strategy, str) or not strategy.startswith("chunked:"):
+        return False
+    size = strategy.removeprefix("chunked:")
+    return size.isdigit() and int(size) >= 1
+
+
+def _describe(tasks) -> str:
+    if isinstance(tasks, Mapping):
+        return "a dict with keys " + repr(sorted(tasks))
+    return type(tasks).__name__
