@@ -1,0 +1,134 @@
+"""The MAML LightningModule: a thin shell that feeds batches to the pure core and steps the meta-optimizer.
+
+Everything MAML-specific is in `fmaml.maml`; this file only decides *when* to call it (train, validate,
+test), with which inner-loop settings, and what to log.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from fmaml.maml import LossName, meta_loss
+
+
+class MAML(L.LightningModule):
+    """Meta-trains `network` with MAML.
+
+    network: builds the model given its number of outputs, e.g. `fmaml.models.ConvNet`; the data module
+        sets `num_outputs` (the number of ways) and `loss` through argument links, so nobody types them twice.
+    inner_steps, inner_lr: the inner loop while meta-training (the paper: 1 step at 0.4 on Omniglot).
+    eval_inner_steps, eval_inner_lr: the inner loop at validation and test (None: same as training).
+    first_order: FOMAML, detach the inner gradients.
+    strategy: how tasks are run, see `fmaml.maml.meta_loss` ("auto", "vmap", "loop", "chunked:N").
+    optimizer, lr_scheduler: the meta-optimizer (Adam 1e-3 by default) and an optional scheduler,
+        stepped once per meta-step.
+    """
+
+    def __init__(
+        self,
+        network: Callable[[int], nn.Module],
+        num_outputs: int = 5,
+        loss: LossName = "cross_entropy",
+        inner_steps: int = 1,
+        inner_lr: float = 0.4,
+        eval_inner_steps: int | None = None,
+        eval_inner_lr: float | None = None,
+        first_order: bool = False,
+        strategy: str = "auto",
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.network = network(num_outputs)
+        self.loss = loss
+        self.strategy = strategy
+        self.train_inner = dict(steps=inner_steps, lr=inner_lr, first_order=first_order)
+        self.eval_inner = dict(
+            steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
+            lr=inner_lr if eval_inner_lr is None else eval_inner_lr,
+        )
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self._test_metrics: list[dict[str, Tensor]] = []
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.network.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+    def _meta_loss(self, tasks, params, **inner) -> tuple[Tensor, dict[str, Tensor]]:
+        buffers = dict(self.network.named_buffers())
+        return meta_loss(
+            params, buffers, tasks, model=self.network, loss=self.loss, strategy=self.strategy, **inner
+        )
+
+    def _log_metrics(self, stage: str, metrics: dict[str, Tensor], **kwargs) -> None:
+        batch_size = next(iter(metrics.values())).shape[0]
+        for name, values in metrics.items():
+            self.log(f"{stage}/{name}", values.mean(), batch_size=batch_size, **kwargs)
+
+    def training_step(self, tasks, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        value, metrics = self._meta_loss(tasks, dict(self.network.named_parameters()), **self.train_inner)
+        if not torch.isfinite(value):
+            raise FloatingPointError(
+                f"the meta-loss became {value.item()} at step {self.global_step}: training stopped before "
+                f"updating on it. Lower model.inner_lr (now {self.train_inner['lr']}) or the meta learning rate."
+            )
+        self.manual_backward(value)
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        self._log_metrics("train", metrics, prog_bar=True)
+        return value
+
+    def _evaluate(self, tasks) -> dict[str, Tensor]:
+        # Detached params: evaluation adapts (inner gradients) but needs no meta-gradient. Grad mode is
+        # switched on anyway, so that no adaptation can silently turn into a no-op under no_grad.
+        params = {name: p.detach() for name, p in self.network.named_parameters()}
+        with torch.enable_grad():
+            _, metrics = self._meta_loss(tasks, params, **self.eval_inner)
+        return metrics
+
+    def validation_step(self, tasks, batch_idx):
+        self._log_metrics("val", self._evaluate(tasks), prog_bar=True)
+
+    def test_step(self, tasks, batch_idx):
+        metrics = self._evaluate(tasks)
+        self._test_metrics.append(metrics)
+        self._log_metrics("test", metrics)
+
+    def on_test_epoch_start(self) -> None:
+        self._test_metrics = []
+
+    def on_test_epoch_end(self) -> None:
+        """The paper's protocol: mean over all test tasks with a 95% confidence interval."""
+        per_task = {
+            name: self.all_gather(torch.cat([m[name] for m in self._test_metrics])).flatten()
+            for name in self._test_metrics[0]
+        }
+        main = "accuracy" if "accuracy" in per_task else "loss"
+        values = per_task[main].double()
+        mean = values.mean().item()
+        ci95 = 1.96 * values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else float("nan")
+        self.log(f"test/{main}_mean", mean)
+        self.log(f"test/{main}_ci95", ci95)
+        self.log("test/num_tasks", float(values.numel()))
+        if self.trainer.is_global_zero:
+            scale, unit = (100.0, "%") if main == "accuracy" else (1.0, "")
+            steps = self.eval_inner["steps"]
+            print(
+                f"test {main} over {values.numel()} tasks after {steps} inner steps: "
+                f"{mean * scale:.2f}{unit} ± {ci95 * scale:.2f}{unit} (95% CI)"
+            )
