@@ -9,7 +9,7 @@ Defaults that differ from Lightning's, and why:
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from fmaml.data import MetaDataModule
@@ -30,9 +30,13 @@ class MAMLCLI(LightningCLI):
         parser.link_arguments("data.loss", "model.loss", apply_on="instantiate")
         # Always-on callbacks, each configurable (`--checkpoint.every_n_train_steps=100`).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
-        parser.add_lightning_class_args(OnExceptionCheckpoint, "exception_checkpoint")
-        parser.set_defaults({"exception_checkpoint.dirpath": "logs"})
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.every_n_train_steps": 500,
+                "checkpoint.save_on_exception": True,
+            }
+        )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
 
 

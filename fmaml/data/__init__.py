@@ -1,0 +1,24 @@
+"""fmaml.data: few-shot meta-learning data (torchmeta underneath) as a LightningDataModule.
+
+Public API: the dataset specs `Omniglot`, `MiniImageNet`, `Sinusoid`, `TorchmetaDataset` (base class
+`DatasetSpec`, what configs select with class_path) and `MetaDataModule`. The batch format is described
+in fmaml.data.tasks.
+
+`torchmeta_compat` is imported first: it must patch torchvision before torchmeta is first imported.
+"""
+
+from fmaml.data import torchmeta_compat  # noqa: F401  (must come before any torchmeta import)
+
+# isort: split
+from fmaml.data.datamodule import MetaDataModule, resolve_root
+from fmaml.data.specs import DatasetSpec, MiniImageNet, Omniglot, Sinusoid, TorchmetaDataset
+
+__all__ = [
+    "DatasetSpec",
+    "MetaDataModule",
+    "MiniImageNet",
+    "Omniglot",
+    "Sinusoid",
+    "TorchmetaDataset",
+    "resolve_root",
+]

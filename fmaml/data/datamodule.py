@@ -1,0 +1,173 @@
+"""MetaDataModule: few-shot tasks of a dataset spec, as a LightningDataModule.
+
+Batches are ``{"support": (x, y), "query": (x, y)}``; shapes in fmaml.data.tasks. Training tasks are
+random (reproducible under lightning.seed_everything, the loader is effectively endless: bound training
+with max_steps / limit_train_batches); validation and test use `num_val_tasks` / `num_test_tasks`
+fixed tasks drawn from `seed`, identical in every epoch, process and run.
+"""
+
+from __future__ import annotations
+
+# torchmeta can be imported directly here: fmaml/data/__init__.py has applied torchmeta_compat first.
+import os
+
+import lightning as L
+import numpy as np
+import torch
+from torchmeta.transforms import ClassSplitter
+
+from fmaml.data.specs import SPLIT_NAMES, DatasetSpec
+from fmaml.data.tasks import FixedTasks, fixed_task_loader, random_task_loader
+
+ROOT_ENV = "FMAML_DATA_ROOT"
+
+
+def resolve_root(root: str | None) -> str:
+    """--data.root if given, else $FMAML_DATA_ROOT, else ./data; as an absolute path."""
+    return os.path.abspath(os.path.expanduser(root or os.environ.get(ROOT_ENV) or "data"))
+
+
+class MetaDataModule(L.LightningDataModule):
+    """Few-shot tasks for meta-training (random), meta-validation and meta-test (fixed).
+
+    Args:
+        dataset: the dataset spec (fmaml.data.Omniglot, MiniImageNet, Sinusoid, TorchmetaDataset).
+        ways: classes per task (classification; not used for regression).
+        shots: support examples per class (regression: support points per task).
+        query_shots: query examples per class (regression: query points per task).
+        meta_batch_size: tasks per batch.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        root: data folder; default $FMAML_DATA_ROOT, else ./data.
+        num_val_tasks, num_test_tasks: number of fixed meta-validation / meta-test tasks.
+        seed: seed of the fixed validation/test tasks (training tasks follow the global seed).
+
+    Attributes for argument linking (valid right after __init__): ``num_outputs`` (ways, or 1 for
+    regression), ``loss`` ("cross_entropy" or "mse"), ``in_channels`` and ``input_shape``.
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetSpec,
+        ways: int = 5,
+        shots: int = 5,
+        query_shots: int = 15,
+        meta_batch_size: int = 32,
+        num_workers: int = 0,
+        root: str | None = None,
+        num_val_tasks: int = 100,
+        num_test_tasks: int = 600,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not isinstance(dataset, DatasetSpec):
+            raise TypeError(
+                f"data.dataset must be a fmaml.data dataset spec (Omniglot, MiniImageNet, Sinusoid, "
+                f"TorchmetaDataset), got {dataset!r}"
+            )
+        for name, value in [
+            ("ways", ways),
+            ("shots", shots),
+            ("query_shots", query_shots),
+            ("meta_batch_size", meta_batch_size),
+            ("num_val_tasks", num_val_tasks),
+            ("num_test_tasks", num_test_tasks),
+        ]:
+            if not _is_int(value) or value < 1:
+                raise ValueError(
+                    f"data.{name}={value!r} must be a positive integer; set --data.{name} to 1 or more"
+                )
+        if not _is_int(num_workers) or num_workers < 0:
+            raise ValueError(
+                f"data.num_workers={num_workers!r} must be an integer >= 0 (0 loads in the main process); "
+                "set --data.num_workers to 0 or more"
+            )
+        if not _is_int(seed):
+            raise ValueError(f"data.seed={seed!r} must be an integer; set --data.seed to e.g. 0")
+        if dataset.samples_per_class is not None and shots + query_shots > dataset.samples_per_class:
+            raise ValueError(_too_few_samples(dataset.name, shots, query_shots, dataset.samples_per_class))
+
+        self.dataset = dataset
+        self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        self.meta_batch_size, self.num_workers = meta_batch_size, num_workers
+        self.root = resolve_root(root)
+        self.num_val_tasks, self.num_test_tasks, self.seed = num_val_tasks, num_test_tasks, seed
+        self.save_hyperparameters(ignore=["dataset"])
+        self._metadatasets: dict[str, object] = {}
+
+    # --- attributes for argument linking -------------------------------------------------------------
+    @property
+    def task_type(self) -> str:
+        return self.dataset.task_type
+
+    @property
+    def num_outputs(self) -> int:
+        return self.ways if self.task_type == "classification" else 1
+
+    @property
+    def loss(self) -> str:
+        return "cross_entropy" if self.task_type == "classification" else "mse"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.dataset.input_shape)
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_shape[0]
+
+    # --- Lightning hooks -----------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Download/convert files once (e.g. the Omniglot zips -> data.hdf5)."""
+        self.dataset.prepare(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
+        for split in splits.get(stage, ["train", "val", "test"]):
+            if split not in self._metadatasets:
+                self._metadatasets[split] = self._build(split)
+
+    def train_dataloader(self):
+        # Seeded from the global torch RNG, so reproducible under lightning.seed_everything.
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        return random_task_loader(self._get("train"), self.meta_batch_size, self.num_workers, seed)
+
+    def val_dataloader(self):
+        tasks = FixedTasks(self._get("val"), self.num_val_tasks, self.seed, "val")
+        return fixed_task_loader(tasks, self.meta_batch_size, self.num_workers)
+
+    def test_dataloader(self):
+        tasks = FixedTasks(self._get("test"), self.num_test_tasks, self.seed, "test")
+        return fixed_task_loader(tasks, self.meta_batch_size, self.num_workers)
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _get(self, split: str):
+        if split not in self._metadatasets:
+            self.prepare_data()  # used without a Trainer: prepare on demand (no-op when done)
+            self._metadatasets[split] = self._build(split)
+        return self._metadatasets[split]
+
+    def _build(self, split: str):
+        """Check the split against ways/shots (from file metadata only), then build its meta-dataset."""
+        num_classes, fewest = self.dataset.split_stats(self.root, split)
+        where = f"the {SPLIT_NAMES[split]} split of {self.dataset.name}"
+        if self.task_type == "classification" and self.ways > num_classes:
+            raise ValueError(
+                f"data.ways={self.ways} is larger than the {num_classes} classes in {where}; lower --data.ways"
+            )
+        if self.shots + self.query_shots > fewest:
+            raise ValueError(_too_few_samples(where, self.shots, self.query_shots, fewest))
+        splitter = ClassSplitter(
+            shuffle=True, num_train_per_class=self.shots, num_test_per_class=self.query_shots
+        )
+        return self.dataset.build(self.root, split, self.ways, self.shots, self.query_shots, splitter)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _too_few_samples(where: str, shots: int, query_shots: int, available: int) -> str:
+    return (
+        f"data.shots + data.query_shots = {shots} + {query_shots} = {shots + query_shots} is more than the "
+        f"{available} examples per class in {where}; lower --data.shots or --data.query_shots"
+    )

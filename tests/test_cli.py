@@ -1,0 +1,211 @@
+"""`python -m fmaml` end to end: fit -> validate -> test on tiny offline fixtures, configs, bad input."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from fixtures import tiny_omniglot_root, write_miniimagenet
+
+from fmaml.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+# A small network and few tasks: the CLI path is what is tested here, not the paper's numbers.
+TINY = [
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.meta_batch_size=2",
+    "--data.num_val_tasks=4",
+    "--data.num_test_tasks=6",
+]
+
+
+def config(name: str) -> str:
+    return os.path.join(REPO, "configs", name)
+
+
+def run(*args: str):
+    return main([*args])
+
+
+@pytest.fixture
+def omniglot_root(tmp_path_factory, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # logs/ and checkpoints go here
+    return tiny_omniglot_root(tmp_path_factory)
+
+
+def test_fit_validate_test_on_tiny_omniglot(omniglot_root, tmp_path, capsys):
+    common = [
+        "--config",
+        config("omniglot.yaml"),
+        f"--data.root={omniglot_root}",
+        "--model.network.filters=8",
+        *TINY,
+    ]
+    fit = run("fit", *common, "--trainer.max_steps=4", "--trainer.val_check_interval=2")
+    version = tmp_path / "logs" / "fmaml" / "version_0"
+    assert glob.glob(str(version / "events.out.tfevents.*")), "no TensorBoard event file"
+    last = version / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    metrics = fit.trainer.callback_metrics
+    for name in (
+        "train/loss",
+        "train/accuracy_before",
+        "val/accuracy",
+        "val/accuracy_before",
+        "val/loss_before",
+    ):
+        assert name in metrics, name
+    # Evaluation adapts for real: 3 inner steps change the query accuracy.
+    assert metrics["val/accuracy"] != metrics["val/accuracy_before"]
+
+    validate = run("validate", *common, f"--ckpt_path={last}")
+    assert (
+        validate.trainer.callback_metrics["val/loss"] < validate.trainer.callback_metrics["val/loss_before"]
+    )
+
+    capsys.readouterr()
+    test = run("test", *common, f"--ckpt_path={last}")
+    out = capsys.readouterr().out
+    assert "test accuracy over 6 tasks after 3 inner steps" in out and "(95% CI)" in out
+    metrics = test.trainer.callback_metrics
+    assert metrics["test/num_tasks"] == 6
+    assert metrics["test/accuracy_mean"] != metrics["test/accuracy_before"]
+
+
+def test_ways_are_linked_from_data_to_the_network(omniglot_root):
+    cli = run(
+        "fit",
+        "--config",
+        config("omniglot_5w1s.yaml"),
+        f"--data.root={omniglot_root}",
+        "--data.ways=3",
+        "--trainer.fast_dev_run=true",
+        "--model.network.filters=4",
+        *TINY,
+    )
+    assert cli.model.network.head.out_features == 3
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_prints(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", path, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "inner_lr" in out and "meta_batch_size" in out and "class_path" in out
+
+
+@pytest.mark.parametrize(
+    "name", ["omniglot.yaml", "omniglot_5w1s.yaml", "omniglot_20w1s.yaml", "omniglot_20w5s.yaml"]
+)
+def test_omniglot_configs_fast_dev_run(name, omniglot_root):
+    # The tiny fixture has 8 characters per split, x4 rotations: enough for 20 ways.
+    cli = run(
+        "fit",
+        "--config",
+        config(name),
+        f"--data.root={omniglot_root}",
+        "--trainer.fast_dev_run=true",
+        "--model.network.filters=4",
+        *TINY,
+    )
+    assert cli.trainer.global_step == 1
+    assert cli.model.network.head.out_features == cli.datamodule.ways
+
+
+def test_sinusoid_fast_dev_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run("fit", "--config", config("sinusoid.yaml"), "--trainer.fast_dev_run=true", *TINY)
+    assert cli.model.network.layers[-1].out_features == 1
+    assert cli.model.loss == "mse"
+    assert "train/loss" in cli.trainer.callback_metrics
+
+
+def test_miniimagenet_fast_dev_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_miniimagenet(tmp_path / "data")
+    cli = run(
+        "fit",
+        "--config",
+        config("miniimagenet.yaml"),
+        f"--data.root={tmp_path / 'data'}",
+        "--trainer.fast_dev_run=true",
+        "--model.inner_steps=1",
+        "--model.eval_inner_steps=1",
+        *TINY,
+    )
+    assert cli.model.network.features[0][0].in_channels == 3
+
+
+def test_module_entry_point_runs(tmp_path):
+    """`python -m fmaml` itself, in a subprocess, as a user runs it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fmaml", "fit", "--config", config("sinusoid.yaml"), "--print_config"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MLP" in result.stdout and "inner_lr: 0.01" in result.stdout
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_data_offline_names_files_and_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception) as error:
+        run(
+            "fit",
+            "--config",
+            config("omniglot.yaml"),
+            f"--data.root={tmp_path / 'empty'}",
+            "--data.dataset.init_args.download=false",  # no network here; elsewhere it would download
+            *TINY,
+        )
+    message = str(error.value)
+    assert "images_background.zip" in message and "images_evaluation.zip" in message
+    assert str(tmp_path / "empty" / "omniglot") in message
+
+
+def test_corrupt_zip_is_named(tmp_path, monkeypatch, tmp_path_factory):
+    monkeypatch.chdir(tmp_path)
+    source = os.path.join(tiny_omniglot_root(tmp_path_factory), "omniglot")
+    folder = tmp_path / "data" / "omniglot"
+    folder.mkdir(parents=True)
+    for name in ("images_background.zip", "images_evaluation.zip"):
+        shutil.copy(os.path.join(source, name), folder / name)
+    data = (folder / "images_evaluation.zip").read_bytes()
+    (folder / "images_evaluation.zip").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception) as error:
+        run("fit", "--config", config("omniglot.yaml"), f"--data.root={tmp_path / 'data'}", *TINY)
+    assert "images_evaluation.zip" in str(error.value)
+
+
+def test_too_many_ways_fails_before_training(omniglot_root):
+    with pytest.raises(ValueError, match=r"data\.ways=200"):
+        run(
+            "fit",
+            "--config",
+            config("omniglot.yaml"),
+            f"--data.root={omniglot_root}",
+            "--data.ways=200",
+            *TINY,
+        )
+
+
+def test_typo_in_config_key_is_rejected(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(config("omniglot.yaml")).read().replace("inner_lr:", "inner_lrr:"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(bad)])
+    assert exit_info.value.code != 0
+    assert "inner_lrr" in capsys.readouterr().err
