@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from fixtures import tiny_omniglot_root, write_miniimagenet
+from fixtures import real_omniglot_root, tiny_omniglot_root, write_miniimagenet
 
 from fmaml.cli import main
 
@@ -209,3 +209,46 @@ def test_typo_in_config_key_is_rejected(tmp_path, capsys):
         main(["fit", "--config", str(bad)])
     assert exit_info.value.code != 0
     assert "inner_lrr" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- real Omniglot
+
+
+@pytest.fixture
+def real_root(tmp_path_factory, tmp_path, monkeypatch):
+    root = real_omniglot_root(tmp_path_factory)  # skips unless FMAML_OMNIGLOT_ZIPS is set
+    monkeypatch.chdir(tmp_path)
+    return root
+
+
+@pytest.mark.real_data
+def test_real_omniglot_fast_dev_run(real_root):
+    cli = run(
+        "fit",
+        "--config",
+        config("omniglot.yaml"),
+        f"--data.root={real_root}",
+        "--trainer.fast_dev_run=true",
+        *TINY,
+    )
+    assert cli.trainer.global_step == 1
+
+
+@pytest.mark.real_data
+def test_real_omniglot_5w1s_learns(real_root):
+    """A few dozen meta-steps: adaptation must beat the unadapted model on the validation tasks."""
+    cli = run(
+        "fit",
+        "--config",
+        config("omniglot_5w1s.yaml"),
+        f"--data.root={real_root}",
+        "--trainer.max_steps=30",
+        "--trainer.val_check_interval=30",
+        "--model.network.filters=32",
+        "--data.meta_batch_size=8",
+        "--data.num_val_tasks=40",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+    )
+    metrics = cli.trainer.callback_metrics
+    assert metrics["val/accuracy"] > metrics["val/accuracy_before"] + 0.2, metrics
