@@ -341,6 +341,8 @@ def measure_in_subprocess(job: dict, reference_file: str | None, timeout: float)
 
 def worker(job_json: str) -> None:
     job = json.loads(job_json)
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
     reference = torch.load(job["reference_file"]) if job.get("reference_file") else None
     print("RECORD " + json.dumps(measure(job, reference, isolated=True)), flush=True)
 
@@ -351,7 +353,7 @@ def needs_first_order(engine: str) -> bool:
 
 def run_configuration(args, workload: str, steps: int, meta_batch: int, isolate: bool) -> list[dict]:
     base = dict(workload=workload, inner_steps=steps, meta_batch=meta_batch, device=args.device)
-    base |= dict(repeats=args.repeats, warmup=args.warmup, seed=args.seed)
+    base |= dict(repeats=args.repeats, warmup=args.warmup, seed=args.seed, threads=args.threads)
     references = {
         order: reference_gradients(WORKLOADS[workload], steps, meta_batch, args.device, args.seed, order)
         for order in sorted({needs_first_order(e) for e in args.engines})
@@ -423,6 +425,9 @@ def parse_args(argv=None):
         "--warmup", type=int, default=2, help="untimed steps first (the compile happens here)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, help="torch.set_num_threads for every engine (default: torch's)"
+    )
     parser.add_argument("--json", type=Path, help="write the records (a JSON list) here")
     parser.add_argument("--append", action="store_true", help="keep the records already in --json, add these")
     parser.add_argument(
@@ -449,6 +454,8 @@ def main(argv=None) -> list[dict]:
     if args.worker is not None:
         worker(args.worker)
         return []
+    if args.threads:
+        torch.set_num_threads(args.threads)
     isolate = args.isolate == "yes" or (args.isolate == "auto" and args.device == "cpu")
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, device {args.device}, {threads} threads, isolate={isolate}")
