@@ -9,6 +9,10 @@ Defaults that differ from Lightning's, and why:
 
 from __future__ import annotations
 
+import glob
+import os
+
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -38,6 +42,42 @@ class MAMLCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+
+    def before_instantiate_classes(self) -> None:
+        """Check `--ckpt_path` before any long work, and make `--ckpt_path last` resume the newest run."""
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if config is None or config.get("ckpt_path") is None:
+            return
+        if config.ckpt_path == "last":
+            config.ckpt_path = self._resume_last(config)
+        elif config.ckpt_path not in ("best", "hpc", "registry") and not os.path.isfile(config.ckpt_path):
+            raise FileNotFoundError(
+                f"--ckpt_path={config.ckpt_path}: no such checkpoint file. Give the path of a .ckpt written by "
+                "fit (e.g. logs/fmaml/version_0/checkpoints/last.ckpt), or `last` for the newest run's."
+            )
+
+    @staticmethod
+    def _resume_last(config) -> str:
+        # Lightning looks for "last" only in the *new* run's version folder, which is always empty; resume the
+        # newest run's last.ckpt instead, and keep logging into that run's version so its curves continue.
+        logger = config.trainer.logger
+        init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if init_args is None or "save_dir" not in init_args:
+            raise ValueError(
+                "--ckpt_path=last needs a logger with a save_dir; give the checkpoint's path instead"
+            )
+        pattern = os.path.join(
+            init_args.save_dir, init_args.name or "", "version_*", "checkpoints", "last.ckpt"
+        )
+        found = sorted(glob.glob(pattern), key=os.path.getmtime)
+        if not found:
+            raise FileNotFoundError(
+                f"--ckpt_path=last: no checkpoint matches {pattern}. Start a fit without --ckpt_path first, "
+                "or give the path of a .ckpt."
+            )
+        version = os.path.basename(os.path.dirname(os.path.dirname(found[-1])))
+        init_args.version = version
+        return found[-1]
 
 
 def main(args: list[str] | None = None) -> MAMLCLI:

@@ -26,6 +26,8 @@ class MAML(L.LightningModule):
     eval_inner_steps, eval_inner_lr: the inner loop at validation and test (None: same as training).
     first_order: FOMAML, detach the inner gradients.
     strategy: how tasks are run, see `fmaml.maml.meta_loss` ("auto", "vmap", "loop", "chunked:N").
+    compile: run the meta-loss through `torch.compile` (a one-off compile of tens of seconds; see the
+        README's benchmarks for when it pays).
     optimizer, lr_scheduler: the meta-optimizer (Adam 1e-3 by default) and an optional scheduler,
         stepped once per meta-step.
     """
@@ -41,6 +43,7 @@ class MAML(L.LightningModule):
         eval_inner_lr: float | None = None,
         first_order: bool = False,
         strategy: str = "auto",
+        compile: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -50,6 +53,7 @@ class MAML(L.LightningModule):
         self.network = network(num_outputs)
         self.loss = loss
         self.strategy = strategy
+        self.meta_loss = torch.compile(meta_loss) if compile else meta_loss
         self.train_inner = dict(steps=inner_steps, lr=inner_lr, first_order=first_order)
         self.eval_inner = dict(
             steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
@@ -67,7 +71,7 @@ class MAML(L.LightningModule):
 
     def _meta_loss(self, tasks, params, **inner) -> tuple[Tensor, dict[str, Tensor]]:
         buffers = dict(self.network.named_buffers())
-        return meta_loss(
+        return self.meta_loss(
             params, buffers, tasks, model=self.network, loss=self.loss, strategy=self.strategy, **inner
         )
 

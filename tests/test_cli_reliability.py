@@ -1,0 +1,59 @@
+"""Bad input caught before training, and resuming with `--ckpt_path last`."""
+
+import os
+
+import pytest
+import torch
+
+from fmaml.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SINUSOID = os.path.join(REPO, "configs", "sinusoid.yaml")
+QUIET = [
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.num_val_tasks=4",
+]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def test_missing_checkpoint_file_is_named():
+    with pytest.raises(FileNotFoundError, match=r"--ckpt_path=nowhere\.ckpt: no such checkpoint"):
+        main(["test", "--config", SINUSOID, "--ckpt_path=nowhere.ckpt", *QUIET])
+
+
+def test_resume_last_without_a_previous_run_is_explained():
+    with pytest.raises(FileNotFoundError, match="--ckpt_path=last: no checkpoint matches"):
+        main(["fit", "--config", SINUSOID, "--ckpt_path=last", *QUIET])
+
+
+def test_resume_last_continues_the_newest_run(tmp_path):
+    first = main(
+        ["fit", "--config", SINUSOID, "--trainer.max_steps=3", "--trainer.val_check_interval=3", *QUIET]
+    )
+    assert first.trainer.global_step == 3
+    resumed = main(
+        [
+            "fit",
+            "--config",
+            SINUSOID,
+            "--ckpt_path=last",
+            "--trainer.max_steps=5",
+            "--trainer.val_check_interval=5",
+        ]
+        + QUIET
+    )
+    assert resumed.trainer.global_step == 5
+    # Same version folder: the TensorBoard curves continue instead of starting a new run.
+    last = tmp_path / "logs" / "fmaml" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 5
+    assert not (tmp_path / "logs" / "fmaml" / "version_1").exists()
+
+
+def test_nan_meta_loss_stops_at_once_with_the_step():
+    with pytest.raises(FloatingPointError, match=r"at step 0.*inner_lr"):
+        main(["fit", "--config", SINUSOID, "--model.inner_lr=1e30", "--trainer.max_steps=3", *QUIET])
