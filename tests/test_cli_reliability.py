@@ -57,3 +57,32 @@ def test_resume_last_continues_the_newest_run(tmp_path):
 def test_nan_meta_loss_stops_at_once_with_the_step():
     with pytest.raises(FloatingPointError, match=r"at step 0.*inner_lr"):
         main(["fit", "--config", SINUSOID, "--model.inner_lr=1e30", "--trainer.max_steps=3", *QUIET])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.inner_steps=0", r"model\.inner_steps=0"),
+        ("--model.eval_inner_steps=-2", r"model\.eval_inner_steps=-2"),
+        ("--model.inner_lr=-0.1", r"model\.inner_lr=-0\.1"),
+        ("--model.eval_inner_lr=0", r"model\.eval_inner_lr=0"),
+        ("--model.strategy=pmap", r"model\.strategy='pmap'"),
+    ],
+)
+def test_bad_inner_loop_settings_fail_at_start_up(override, message):
+    with pytest.raises(ValueError, match=message):
+        main(["fit", "--config", SINUSOID, override, *QUIET])
+
+
+def test_wrong_class_path_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", SINUSOID, "--model.network=fmaml.models.NoSuchNet"])
+    assert exit_info.value.code != 0
+    assert "NoSuchNet" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_shape_is_rejected(tmp_path):
+    main(["fit", "--config", SINUSOID, "--trainer.max_steps=1", "--trainer.val_check_interval=1", *QUIET])
+    last = tmp_path / "logs" / "fmaml" / "version_0" / "checkpoints" / "last.ckpt"
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        main(["test", "--config", SINUSOID, "--model.network.hidden=[20,20]", f"--ckpt_path={last}", *QUIET])
