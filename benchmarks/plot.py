@@ -4,7 +4,7 @@
 
 One row per (workload, device); left: time vs meta-batch at the row's most common number of inner steps;
 right: time vs inner steps at its most common meta-batch. One line per engine; failed engines are skipped.
-Needs matplotlib, which is not a dependency of fmaml: `uv pip install matplotlib` (or `uv run --with matplotlib`).
+Needs matplotlib, which is in the dev dependency group (installed by `uv run`), not a dependency of fmaml.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def plot(records: list[dict], out: Path) -> None:
             "benchmarks/plot.py needs matplotlib, which fmaml does not depend on: "
             "run it with `uv run --with matplotlib python benchmarks/plot.py ...`"
         )
+    # One color per engine across all panels, so that a line means the same engine everywhere.
+    colors = {engine: f"C{i % 10}" for i, engine in enumerate(sorted({r["engine"] for r in records}))}
     rows = defaultdict(list)
     for record in records:
         rows[record["workload"], record["device"]].append(record)
@@ -54,7 +56,7 @@ def plot(records: list[dict], out: Path) -> None:
             for engine, points in sorted(lines.items()):
                 xs = sorted(points)
                 style = "--" if engine.endswith("+compile") else "-"
-                ax.plot(xs, [points[x] for x in xs], style, marker="o", label=engine)
+                ax.plot(xs, [points[x] for x in xs], style, marker="o", label=engine, color=colors[engine])
             ax.set(xlabel=xlabel, ylabel="ms per meta-training step", title=f"{workload} ({device})")
             ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)

@@ -10,6 +10,7 @@
 #   omniglot5w5s   meta-batch 32, 1 inner step    eager engines
 #   omniglot20w1s  meta-batch 16, 1 inner step    eager engines (5 query/class)
 #   miniimagenet   meta-batch 4,  1 inner step    eager engines
+#   sinusoid sweep meta-batch 5/25/50 and 1/5/10 inner steps, for the plot
 # The ConvNet workloads are not compiled here: one cold inductor compile of the ConvNet meta-gradient
 # takes minutes on 2 cores (see the report of benchmarks/bench_vs_higher.py on compile).
 # Environment: REPEATS (timed steps, default 3), WARMUP (default 1).
@@ -26,5 +27,9 @@ bench --workload sinusoid --inner-steps 5 --meta-batch 25 --engines $EAGER fmaml
 bench --append --workload omniglot5w5s --inner-steps 1 --meta-batch 32 --engines $EAGER
 bench --append --workload omniglot20w1s --inner-steps 1 --meta-batch 16 --engines $EAGER
 bench --append --workload miniimagenet --inner-steps 1 --meta-batch 4 --engines $EAGER
+# Sweeps for the plot (eager; the sinusoid is cheap): meta-batch 5 and 50 at 5 steps, 1 and 10 steps at mb 25.
+SWEEP="higher torchfunc_loop fmaml_vmap fmaml_loop fmaml_chunked:8 fmaml_first_order"
+bench --append --workload sinusoid --inner-steps 5 --meta-batch 5 50 --engines $SWEEP
+bench --append --workload sinusoid --inner-steps 1 10 --meta-batch 25 --engines $SWEEP
 uv run python benchmarks/plot.py "$OUT" --out benchmarks/results/cpu.png \
     || echo "no plot: matplotlib is not installed (uv run --with matplotlib python benchmarks/plot.py $OUT --out ...)"

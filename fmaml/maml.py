@@ -83,9 +83,10 @@ def adapt(
         return loss_fn(functional_call(model, (p, buffers), (x,)), y)
 
     for step in range(steps):
-        grads = grad(support_loss)(params)
-        if first_order:
-            grads = {name: g.detach() for name, g in grads.items()}
+        # First order: the inner gradient is a constant, so take it at detached params; that builds no
+        # graph for the outer derivative to walk (same values as detaching the gradient afterwards).
+        at = {name: p.detach() for name, p in params.items()} if first_order else params
+        grads = grad(support_loss)(at)
         params = {name: p - _lr_for(lr, step, name) * grads[name] for name, p in params.items()}
     return params
 
@@ -157,10 +158,11 @@ def _select(tasks: Tasks, i: int) -> Tasks:
 def resolve_strategy(strategy: str, model: nn.Module, device: torch.device | str) -> str:
     """Turn "auto" into a concrete strategy for this model and device.
 
-    The rule, measured by benchmarks/bench_vs_higher.py: on CPU, vmap over convolution weights runs as a
-    batched grouped convolution whose (double) backward is slow, so a per-task loop wins on conv nets
-    (about 2.7x on the Omniglot ConvNet); on models without convolutions (the sinusoid MLP) vmap wins by
-    about 10x. On CUDA, vmap wins on both.
+    The rule, measured by benchmarks/run_cpu.sh (README, "Benchmarks"): on CPU, vmap over convolution
+    weights runs as a batched grouped convolution whose double backward is slow, so a per-task loop wins
+    on conv nets (2.8x on the Omniglot 5-way 5-shot ConvNet, 1.7x to 3.3x across the three ConvNet
+    workloads, at a quarter of the memory); on models without convolutions (the sinusoid MLP) vmap wins
+    (6.8x). On CUDA, vmap is expected to win on both (not yet measured: no GPU so far).
     """
     if strategy != "auto":
         return strategy
