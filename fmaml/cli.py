@@ -4,6 +4,8 @@ Defaults that differ from Lightning's, and why:
 - inference_mode=False: evaluation adapts with inner gradients, which inference tensors forbid;
 - a TensorBoard logger under ./logs, a checkpoint of the last step (plus one on any exception), so an
   interrupted run resumes with `--ckpt_path last` and loses nothing;
+- use_distributed_sampler=False: under DDP the DataModule gives each process its own share of the tasks
+  (Lightning's sampler would shuffle the endless training stream and pad the fixed evaluation tasks);
 - the data decides the model's number of outputs (the ways) and its loss, through argument links.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -21,11 +24,17 @@ from fmaml.module import MAML
 
 TRAINER_DEFAULTS = {
     "inference_mode": False,
+    "use_distributed_sampler": False,
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "logs", "name": "fmaml"},
     },
 }
+
+
+# Lightning warns that with manual optimization a step checkpoint holds the weights *after* the step;
+# that is exactly what resuming needs, so the warning only adds noise to every run.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 class MAMLCLI(LightningCLI):

@@ -92,7 +92,11 @@ class MAML(L.LightningModule):
     def _log_metrics(self, stage: str, metrics: dict[str, Tensor], **kwargs) -> None:
         batch_size = next(iter(metrics.values())).shape[0]
         for name, values in metrics.items():
-            self.log(f"{stage}/{name}", values.mean(), batch_size=batch_size, **kwargs)
+            # Evaluation metrics average over every DDP process's share of the fixed tasks; training
+            # metrics stay per-process, to keep the meta-step free of an extra collective.
+            self.log(
+                f"{stage}/{name}", values.mean(), batch_size=batch_size, sync_dist=stage != "train", **kwargs
+            )
 
     def training_step(self, tasks, batch_idx):
         optimizer = self.optimizers()
@@ -132,9 +136,18 @@ class MAML(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """The paper's protocol: mean over all test tasks with a 95% confidence interval."""
+
+        def gather(values: Tensor) -> Tensor:
+            # Every DDP process holds its share of the tasks, which may differ in length by one, while
+            # all_gather needs equal shapes: pad to the longest share, then keep each process's own part.
+            counts = self.all_gather(torch.tensor(values.numel(), device=values.device)).reshape(-1)
+            padded = values.new_zeros(int(counts.max()))
+            padded[: values.numel()] = values
+            shares = self.all_gather(padded).reshape(len(counts), -1)
+            return torch.cat([share[:count] for share, count in zip(shares, counts.tolist(), strict=True)])
+
         per_task = {
-            name: self.all_gather(torch.cat([m[name] for m in self._test_metrics])).flatten()
-            for name in self._test_metrics[0]
+            name: gather(torch.cat([m[name] for m in self._test_metrics])) for name in self._test_metrics[0]
         }
         main = "accuracy" if "accuracy" in per_task else "loss"
         values = per_task[main].double()

@@ -1,9 +1,15 @@
 """MetaDataModule: few-shot tasks of a dataset spec, as a LightningDataModule.
 
 Batches are ``{"support": (x, y), "query": (x, y)}``; shapes in fmaml.data.tasks. Training tasks are
-random (reproducible under lightning.seed_everything, the loader is effectively endless: bound training
-with max_steps / limit_train_batches); validation and test use `num_val_tasks` / `num_test_tasks`
-fixed tasks drawn from `seed`, identical in every epoch, process and run.
+random, and meta-batch i is a pure function of (global seed, process rank, i), where i is the trainer's
+global step: a fit resumed from a checkpoint sees exactly the tasks an uninterrupted one would have
+seen (the loader is effectively endless: bound training with max_steps). Validation and test use
+`num_val_tasks` / `num_test_tasks` fixed tasks drawn from `seed`, identical in every epoch, process
+and run.
+
+Under DDP each process gets its share of every meta-batch (`meta_batch_size / world size` tasks, drawn
+with its rank) and of the validation/test tasks; Lightning's distributed sampler must be off
+(``Trainer(use_distributed_sampler=False)``, the CLI's default).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import lightning as L
 import numpy as np
 import torch
+from torch.utils.data import Subset
 from torchmeta.transforms import ClassSplitter
 
 from fmaml.data.specs import SPLIT_NAMES, DatasetSpec
@@ -35,11 +42,12 @@ class MetaDataModule(L.LightningDataModule):
         ways: classes per task (classification; not used for regression).
         shots: support examples per class (regression: support points per task).
         query_shots: query examples per class (regression: query points per task).
-        meta_batch_size: tasks per batch.
+        meta_batch_size: tasks per meta-batch, in total over all DDP processes.
         num_workers: DataLoader worker processes (0: load in the main process).
         root: data folder; default $FMAML_DATA_ROOT, else ./data.
         num_val_tasks, num_test_tasks: number of fixed meta-validation / meta-test tasks.
-        seed: seed of the fixed validation/test tasks (training tasks follow the global seed).
+        seed: seed of the fixed validation/test tasks (training tasks follow the global seed, which
+            lightning.seed_everything exports as PL_GLOBAL_SEED; a resumed fit keeps its checkpoint's).
 
     Attributes for argument linking (valid right after __init__): ``num_outputs`` (ways, or 1 for
     regression), ``loss`` ("cross_entropy" or "mse"), ``in_channels`` and ``input_shape``.
@@ -93,6 +101,7 @@ class MetaDataModule(L.LightningDataModule):
         self.num_val_tasks, self.num_test_tasks, self.seed = num_val_tasks, num_test_tasks, seed
         self.save_hyperparameters(ignore=["dataset"])
         self._metadatasets: dict[str, object] = {}
+        self._train_seed: int | None = None  # fixed at the first train_dataloader, or by a checkpoint
 
     # --- attributes for argument linking -------------------------------------------------------------
     @property
@@ -125,21 +134,88 @@ class MetaDataModule(L.LightningDataModule):
         for split in splits.get(stage, ["train", "val", "test"]):
             if split not in self._metadatasets:
                 self._metadatasets[split] = self._build(split)
+        if stage in ("fit", None):
+            self._share(self.meta_batch_size, "meta_batch_size")  # under DDP: fail now, not after validation
 
     def train_dataloader(self):
-        # Seeded from the global torch RNG, so reproducible under lightning.seed_everything.
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        return random_task_loader(self._get("train"), self.meta_batch_size, self.num_workers, seed)
+        rank, world_size = self._process()
+        return random_task_loader(
+            self._get("train"),
+            self._share(self.meta_batch_size, "meta_batch_size"),
+            self.num_workers,
+            self._stream_seed(),
+            rank,
+            world_size,
+            position=self._global_step,
+        )
 
     def val_dataloader(self):
         tasks = FixedTasks(self._get("val"), self.num_val_tasks, self.seed, "val")
-        return fixed_task_loader(tasks, self.meta_batch_size, self.num_workers)
+        return fixed_task_loader(self._shard(tasks, "num_val_tasks"), self._batch_size(), self.num_workers)
 
     def test_dataloader(self):
         tasks = FixedTasks(self._get("test"), self.num_test_tasks, self.seed, "test")
-        return fixed_task_loader(tasks, self.meta_batch_size, self.num_workers)
+        return fixed_task_loader(self._shard(tasks, "num_test_tasks"), self._batch_size(), self.num_workers)
+
+    def state_dict(self) -> dict:
+        # Saved in checkpoints: a resumed fit continues the same task stream even if the global seed differs.
+        return {"train_seed": self._train_seed} if self._train_seed is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Lightning calls this when restoring a checkpoint, before it asks for the train dataloader.
+        self._train_seed = state_dict.get("train_seed", self._train_seed)
 
     # --- helpers -------------------------------------------------------------------------------------
+    def _stream_seed(self) -> int:
+        if self._train_seed is None:
+            # The seed of lightning.seed_everything (the CLI's seed_everything), the same in every DDP
+            # process; without one, a random stream (from torch's RNG, as before).
+            seed = os.environ.get("PL_GLOBAL_SEED")
+            self._train_seed = int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        return self._train_seed
+
+    def _global_step(self) -> int:
+        # Where the training stream (re)starts: one meta-step per batch, and Lightning restores the step
+        # before it iterates the train loader. Without a Trainer, from the start.
+        return self.trainer.global_step if self.trainer is not None else 0
+
+    def _process(self) -> tuple[int, int]:
+        """(global rank, world size) of this process; (0, 1) without a Trainer."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        if trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError(
+                "MetaDataModule gives each DDP process its own tasks: create the Trainer with "
+                "use_distributed_sampler=False (the fmaml CLI's default; --trainer.use_distributed_sampler=false)"
+            )
+        return trainer.global_rank, trainer.world_size
+
+    def _share(self, total: int, name: str) -> int:
+        _, world_size = self._process()
+        if total % world_size:
+            raise ValueError(
+                f"data.{name}={total} must be a multiple of the {world_size} DDP processes, which share each "
+                f"meta-batch; set --data.{name} to e.g. {world_size * max(1, total // world_size)}"
+            )
+        return total // world_size
+
+    def _batch_size(self) -> int:
+        # Evaluation batches only bound memory: no need for the meta-batch to divide evenly.
+        return max(1, self.meta_batch_size // self._process()[1])
+
+    def _shard(self, tasks: FixedTasks, name: str):
+        """This process's fixed tasks: every world_size-th, from its rank (uneven shares are fine)."""
+        rank, world_size = self._process()
+        if world_size == 1:
+            return tasks
+        if len(tasks) < world_size:
+            raise ValueError(
+                f"data.{name}={len(tasks)} is fewer than the {world_size} DDP processes; set --data.{name} "
+                f"to {world_size} or more"
+            )
+        return Subset(tasks, range(rank, len(tasks), world_size))
+
     def _get(self, split: str):
         if split not in self._metadatasets:
             self.prepare_data()  # used without a Trainer: prepare on demand (no-op when done)

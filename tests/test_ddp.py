@@ -1,0 +1,146 @@
+"""DDP on CPU (gloo): each process adapts its share of the meta-batch, the meta-gradient is averaged.
+
+Through the code path users get: the MAML LightningModule's training_step under Lightning's DDP, with
+`manual_backward` through fmaml's autograd.Function (vmap strategy) or plain autograd (loop).
+"""
+
+import os
+import subprocess
+import sys
+from functools import partial
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from fmaml.data import MetaDataModule, Sinusoid
+from fmaml.models import MLP
+from fmaml.module import MAML
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sinusoid_tasks(num_tasks: int, k: int = 5) -> dict:
+    g = torch.Generator().manual_seed(0)
+    amplitude, phase = (
+        torch.rand(num_tasks, 1, 1, generator=g) * 4.9 + 0.1,
+        torch.rand(num_tasks, 1, 1, generator=g),
+    )
+    x = torch.rand(num_tasks, 2 * k, 1, generator=g) * 10 - 5
+    y = amplitude * torch.sin(x - phase)
+    return {"support": (x[:, :k], y[:, :k]), "query": (x[:, k:], y[:, k:])}
+
+
+class Shares(L.LightningDataModule):
+    """One fixed meta-batch; each process trains on its contiguous share of the tasks."""
+
+    def __init__(self, tasks: dict):
+        super().__init__()
+        self.tasks = tasks
+
+    def train_dataloader(self):
+        rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        n = self.tasks["support"][0].shape[0] // world_size
+        share = {key: tuple(t[rank * n : (rank + 1) * n] for t in pair) for key, pair in self.tasks.items()}
+        return DataLoader([share], batch_size=None)
+
+
+def one_meta_step(tasks: dict, devices: int, strategy: str, meta_strategy: str) -> dict[str, torch.Tensor]:
+    L.seed_everything(0, verbose=False)  # the same initial weights in every call
+    model = MAML(
+        MLP,
+        num_outputs=1,
+        loss="mse",
+        inner_lr=0.01,
+        strategy=meta_strategy,
+        optimizer=partial(torch.optim.SGD, lr=0.1),  # an update proportional to the gradient
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model, datamodule=Shares(tasks))
+    # ddp_spawn hands rank 0's trained weights back to this process.
+    return {name: p.detach().clone() for name, p in model.network.named_parameters()}
+
+
+@pytest.mark.parametrize("meta_strategy", ["vmap", "loop"])
+def test_two_processes_with_half_the_tasks_each_equal_one_with_all(meta_strategy):
+    tasks = sinusoid_tasks(4)
+    single = one_meta_step(tasks, 1, "auto", meta_strategy)
+    ddp = one_meta_step(tasks, 2, "ddp_spawn", meta_strategy)
+    difference = max((single[n] - ddp[n]).abs().max().item() for n in single)
+    print(f"{meta_strategy}: max |single - ddp| over params: {difference:.3g}")
+    assert difference < 1e-6
+    # Without the all-reduce, rank 0 would have stepped on its 2 tasks alone: far from both.
+    first_half = {key: tuple(t[:2] for t in pair) for key, pair in tasks.items()}
+    alone = one_meta_step(first_half, 1, "auto", meta_strategy)
+    assert max((alone[n] - ddp[n]).abs().max().item() for n in single) > 1e-3
+
+
+def test_each_process_gets_its_share_of_tasks():
+    dm = MetaDataModule(Sinusoid(), shots=3, query_shots=2, meta_batch_size=4, num_val_tasks=5)
+    shares = []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(
+            world_size=2,
+            global_rank=rank,
+            global_step=0,
+            _accelerator_connector=SimpleNamespace(use_distributed_sampler=False),
+        )
+        train = next(iter(dm.train_dataloader()))["support"][0]
+        val = [b["support"][0].shape[0] for b in dm.val_dataloader()]
+        shares.append((train, val))
+    assert shares[0][0].shape[0] == shares[1][0].shape[0] == 2  # half of the meta-batch each
+    assert not torch.equal(shares[0][0], shares[1][0])  # other tasks
+    assert sum(shares[0][1]) == 3 and sum(shares[1][1]) == 2  # 5 validation tasks, split 3 + 2
+
+    with pytest.raises(ValueError, match=r"data\.meta_batch_size=3 must be a multiple of the 2"):
+        dm.meta_batch_size = 3
+        dm.train_dataloader()
+    dm.meta_batch_size = 4
+    dm.trainer._accelerator_connector.use_distributed_sampler = True
+    with pytest.raises(ValueError, match="use_distributed_sampler=False"):
+        dm.train_dataloader()
+
+
+@pytest.mark.slow
+def test_cli_fit_and_test_with_ddp(tmp_path):
+    """`python -m fmaml fit|test --trainer.strategy=ddp --trainer.devices=2` as a user runs it."""
+    common = [
+        "--config",
+        os.path.join(REPO, "configs", "sinusoid.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.enable_progress_bar=false",
+        "--data.meta_batch_size=4",
+        "--data.num_val_tasks=4",
+        "--data.num_test_tasks=5",  # uneven: 3 + 2 tasks, gathered for the confidence interval
+    ]
+
+    def run(subcommand, *args):  # --config first: what follows it overrides it
+        result = subprocess.run(
+            [sys.executable, "-m", "fmaml", subcommand, *common, *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    run("fit", "--trainer.max_steps=2", "--trainer.val_check_interval=2")
+    last = tmp_path / "logs" / "fmaml" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert "test loss over 5 tasks" in run("test", f"--ckpt_path={last}")
