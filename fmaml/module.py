@@ -77,6 +77,18 @@ class MAML(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self._test_metrics: list[dict[str, Tensor]] = []
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning's own error lists every mismatched tensor; say first what went wrong and what to do.
+        mine = {name: tuple(t.shape) for name, t in self.state_dict().items()}
+        theirs = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
+        if mine != theirs:
+            differ = sorted(n for n in mine.keys() | theirs.keys() if mine.get(n) != theirs.get(n))
+            raise ValueError(
+                f"--ckpt_path: the checkpoint holds a network of another shape ({len(differ)} tensors differ, "
+                f"e.g. {differ[0]}: checkpoint {theirs.get(differ[0])}, this config {mine.get(differ[0])}). "
+                "Use the config it was trained with: config.yaml in its log folder."
+            )
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.network.parameters())
         if self.lr_scheduler_factory is None:

@@ -84,5 +84,13 @@ def test_wrong_class_path_is_rejected(capsys):
 def test_checkpoint_of_another_model_shape_is_rejected(tmp_path):
     main(["fit", "--config", SINUSOID, "--trainer.max_steps=1", "--trainer.val_check_interval=1", *QUIET])
     last = tmp_path / "logs" / "fmaml" / "version_0" / "checkpoints" / "last.ckpt"
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(ValueError, match="checkpoint holds a network of another shape"):
         main(["test", "--config", SINUSOID, "--model.network.hidden=[20,20]", f"--ckpt_path={last}", *QUIET])
+
+
+def test_output_size_cannot_be_set_apart_from_ways(capsys):
+    """The number of outputs is linked from data.ways; typing it for the model is refused, not ignored."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", SINUSOID, "--model.num_outputs=3"])
+    assert exit_info.value.code != 0
+    assert "num_outputs" in capsys.readouterr().err
