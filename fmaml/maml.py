@@ -255,26 +255,38 @@ def _is_positive_number(value) -> bool:
     )
 
 
+def check_steps(steps, name: str = "steps") -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{name}={steps!r}: the number of inner steps must be an integer >= 1")
+
+
+def check_lr(lr, name: str = "lr") -> None:
+    """One rate: a finite number > 0, or a tensor of them (a per-parameter rate)."""
+    if not _is_positive_number(lr):
+        raise ValueError(f"{name}={lr!r}: the inner learning rate must be a finite number > 0, e.g. 0.4")
+
+
+def check_strategy(strategy, name: str = "strategy") -> None:
+    if strategy not in ("auto", "vmap", "loop") and not _is_chunked(strategy):
+        raise ValueError(f"{name}={strategy!r} is unknown: use one of {', '.join(STRATEGIES)} (N >= 1)")
+
+
 def check_arguments(params: Params, tasks: Tasks, *, model, loss, steps, lr, strategy) -> None:
     """Raise a ValueError that names the argument, its value and the fix, before any work starts."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r}: the number of inner steps must be an integer >= 1")
+    check_steps(steps)
     per_step = isinstance(lr, Sequence) and not isinstance(lr, str)
     if per_step and len(lr) != steps:
         raise ValueError(
             f"lr has {len(lr)} per-step rates but steps={steps}: give exactly one rate per inner step"
         )
-    rates = list(lr) if per_step else [lr]
-    for rate in rates:
+    for rate in list(lr) if per_step else [lr]:
         for value in rate.values() if isinstance(rate, Mapping) else [rate]:
-            if not _is_positive_number(value):
-                raise ValueError(f"lr={value!r}: the inner learning rate must be a finite number > 0")
+            check_lr(value)
         if isinstance(rate, Mapping) and (missing := sorted(set(params) - set(rate))):
             raise ValueError(f"lr is a per-parameter dict but has no rate for {missing}: give one per param")
+    check_strategy(strategy)
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} is unknown: use one of {sorted(LOSSES)}")
-    if strategy not in ("auto", "vmap", "loop") and not _is_chunked(strategy):
-        raise ValueError(f"strategy={strategy!r} is unknown: use one of {', '.join(STRATEGIES)} (N >= 1)")
     if not isinstance(tasks, Mapping) or set(tasks) != {"support", "query"}:
         raise ValueError('tasks must be {"support": (x, y), "query": (x, y)}, got ' + _describe(tasks))
     num_tasks = tasks["support"][0].shape[0]

@@ -14,15 +14,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from fmaml.maml import STRATEGIES, LossName, meta_loss
-
-
-def check_inner_loop(steps_name: str, steps, lr_name: str, lr) -> None:
-    """Fail at start-up, not after data preparation, on settings the engine would reject at step 0."""
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"{steps_name}={steps!r}: the number of inner steps must be an integer >= 1")
-    if lr is not None and not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"{lr_name}={lr!r}: the inner learning rate must be a finite number > 0, e.g. 0.4")
+from fmaml.maml import LossName, check_lr, check_steps, check_strategy, meta_loss
 
 
 class MAML(L.LightningModule):
@@ -56,16 +48,18 @@ class MAML(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()
-        check_inner_loop("model.inner_steps", inner_steps, "model.inner_lr", inner_lr)
-        check_inner_loop("model.eval_inner_steps", eval_inner_steps, "model.eval_inner_lr", eval_inner_lr)
+        # Fail at start-up, not after data preparation, on settings the engine would reject at step 0.
+        check_steps(inner_steps, "model.inner_steps")
+        check_lr(inner_lr, "model.inner_lr")
+        if eval_inner_steps is not None:
+            check_steps(eval_inner_steps, "model.eval_inner_steps")
+        if eval_inner_lr is not None:
+            check_lr(eval_inner_lr, "model.eval_inner_lr")
+        check_strategy(strategy, "model.strategy")
         self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.network = network(num_outputs)
         self.loss = loss
-        if strategy not in STRATEGIES[:3] and not (
-            strategy.startswith("chunked:") and strategy[8:].isdigit()
-        ):
-            raise ValueError(f"model.strategy={strategy!r} is unknown: use one of {', '.join(STRATEGIES)}")
         self.strategy = strategy
         self.meta_loss = torch.compile(meta_loss) if compile else meta_loss
         self.train_inner = dict(steps=inner_steps, lr=inner_lr, first_order=first_order)
