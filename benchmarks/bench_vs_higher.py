@@ -210,7 +210,16 @@ def torchfunc_loop_engine(model: nn.Module, workload: Workload, steps: int):
 
 def fmaml_engine(model, workload, steps, strategy, first_order=False, compile=False):
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    config = dict(model=model, loss=workload.loss, steps=steps, lr=workload.lr, first_order=first_order)
+    # Like the app's meta-step on a step that writes no logs: no extra "before adaptation" forward pass,
+    # which higher's loop does not do either.
+    config = dict(
+        model=model,
+        loss=workload.loss,
+        steps=steps,
+        lr=workload.lr,
+        first_order=first_order,
+        metrics_before=False,
+    )
 
     def objective(params, buffers, tasks):
         return meta_loss(params, buffers, tasks, strategy=strategy, **config)[0]

@@ -108,23 +108,27 @@ def task_loss(
     steps: int = 1,
     lr: InnerLR = 0.4,
     first_order: bool = False,
+    metrics_before: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Adapt on one task's support set, then evaluate on its query set.
 
     task: {"support": (x, y), "query": (x, y)} for a single task (no task dimension).
-    Returns (query loss after adaptation, metrics). metrics holds scalar tensors: "loss", "loss_before"
-    (query loss with the unadapted params), and for classification "accuracy" and "accuracy_before".
+    Returns (query loss after adaptation, metrics). metrics holds scalar tensors: "loss", and for
+    classification "accuracy"; with `metrics_before` also "loss_before" (and "accuracy_before"), the
+    query numbers of the unadapted params, at the cost of one more query forward pass.
     """
     adapted = adapt(
         params, buffers, task["support"], model=model, loss=loss, steps=steps, lr=lr, first_order=first_order
     )
     query_x, query_y = task["query"]
     value, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss)
-    with torch.no_grad():  # the "before" numbers are only reported, never differentiated
-        value_before, accuracy_before = _evaluate(params, buffers, query_x, query_y, model, loss)
-    metrics = {"loss": value.detach(), "loss_before": value_before}
-    if accuracy is not None:
-        metrics |= {"accuracy": accuracy, "accuracy_before": accuracy_before}
+    metrics = {"loss": value.detach()} | ({"accuracy": accuracy} if accuracy is not None else {})
+    if metrics_before:
+        with torch.no_grad():  # the "before" numbers are only reported, never differentiated
+            value_before, accuracy_before = _evaluate(params, buffers, query_x, query_y, model, loss)
+        metrics["loss_before"] = value_before
+        if accuracy_before is not None:
+            metrics["accuracy_before"] = accuracy_before
     return value, metrics
 
 
@@ -201,6 +205,7 @@ def meta_loss(
     lr: InnerLR = 0.4,
     first_order: bool = False,
     strategy: str = "auto",
+    metrics_before: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The MAML meta-objective over a meta-batch: the mean over tasks of the post-adaptation query loss.
 
@@ -211,12 +216,14 @@ def meta_loss(
               "auto" (see `resolve_strategy`). All give the same loss and meta-gradient.
     Returns (loss, metrics): `loss` is a scalar; when grad is enabled and some param requires grad,
     `loss.backward()` puts the exact (second-order unless `first_order`) meta-gradient in `.grad`.
-    `metrics` holds per-task tensors [tasks]: loss, loss_before, and for classification accuracy and
-    accuracy_before.
+    `metrics` holds per-task tensors [tasks]: loss, and for classification accuracy; with
+    `metrics_before` (one more query forward per task) also loss_before and accuracy_before.
     """
     check_arguments(params, tasks, model=model, loss=loss, steps=steps, lr=lr, strategy=strategy)
     strategy = resolve_strategy(strategy, model, tasks["support"][0].device)
-    config = dict(model=model, loss=loss, steps=steps, lr=lr, first_order=first_order)
+    config = dict(
+        model=model, loss=loss, steps=steps, lr=lr, first_order=first_order, metrics_before=metrics_before
+    )
     names = [name for name, p in params.items() if p.requires_grad]
     if not (torch.is_grad_enabled() and names):
         # Evaluation: inner gradients only (torch.func.grad works under no_grad), no meta-gradient.

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from fixtures import real_omniglot_root, tiny_omniglot_root, write_miniimagenet
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fmaml.cli import main
 
@@ -47,9 +48,20 @@ def test_fit_validate_test_on_tiny_omniglot(omniglot_root, tmp_path, capsys):
         "--model.network.filters=8",
         *TINY,
     ]
-    fit = run("fit", *common, "--trainer.max_steps=4", "--trainer.val_check_interval=2")
+    fit = run(
+        "fit",
+        *common,
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        "--trainer.log_every_n_steps=2",
+    )
     version = tmp_path / "logs" / "fmaml" / "version_0"
     assert glob.glob(str(version / "events.out.tfevents.*")), "no TensorBoard event file"
+    # The "before adaptation" metrics are computed on exactly the steps whose metrics are written.
+    events = EventAccumulator(str(version))
+    events.Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in ("train/loss", "train/accuracy_before")}
+    assert steps["train/loss"] == steps["train/accuracy_before"] == [1, 3], steps
     last = version / "checkpoints" / "last.ckpt"
     assert last.is_file()
     assert torch.load(last, weights_only=False)["global_step"] == 4

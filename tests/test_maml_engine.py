@@ -145,6 +145,12 @@ def test_metrics_before_and_after_adaptation():
     before = torch.stack([F.cross_entropy(model(xq[i]), yq[i]) for i in range(3)])
     torch.testing.assert_close(metrics["loss_before"], before)
     assert not torch.allclose(metrics["loss"], metrics["loss_before"])
+    # Without them (training steps that write no logs), the same loss and no extra forward pass's output.
+    cheap, cheap_metrics = meta_loss(
+        params, {}, tasks, model=model, loss=loss, steps=3, lr=0.4, strategy="vmap", metrics_before=False
+    )
+    assert set(cheap_metrics) == {"loss", "accuracy"}
+    torch.testing.assert_close(cheap, value)
 
 
 def test_evaluation_adapts_under_no_grad():
