@@ -11,6 +11,7 @@ Output, in the same folder (what ``torchmeta.datasets.Omniglot`` reads):
 - ``vinyals_{train,val,test}_labels.json``: sorted ``[zip name, alphabet, character]`` triples of the
   Vinyals et al. (2016) split (from torchmeta's assets), and ``{train,test}_labels.json`` for the
   background/evaluation split.
+- ``paper_{train,test}_labels.json``: the MAML paper's split (Finn et al. 2017), see `paper_split`.
 
 The PNGs are decoded straight from the zips (no extraction to disk, no md5: rebuilt zips with identical
 pixels are fine). data.hdf5 is written to a temporary file and renamed last, so a crash never leaves a
@@ -41,10 +42,15 @@ OFFICIAL_MD5 = {
     "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
 DATA_FILE = "data.hdf5"
-LABEL_FILES = tuple(f"vinyals_{s}_labels.json" for s in ("train", "val", "test")) + tuple(
+TORCHMETA_LABEL_FILES = tuple(f"vinyals_{s}_labels.json" for s in ("train", "val", "test")) + tuple(
     f"{s}_labels.json" for s in ("train", "test")
 )
+PAPER_LABEL_FILES = ("paper_train_labels.json", "paper_test_labels.json")
+LABEL_FILES = TORCHMETA_LABEL_FILES + PAPER_LABEL_FILES
 IMAGE_SIZE = 105
+# The paper's split: all 1623 characters shuffled with this seed, the first 1200 for meta-training.
+PAPER_SPLIT_SEED = 1
+PAPER_TRAIN_CHARACTERS, ALL_CHARACTERS = 1200, 1623
 
 
 class OmniglotZipError(ValueError):
@@ -61,10 +67,21 @@ def prepare_omniglot(folder: str, download: bool = True) -> None:
     """Build data.hdf5 and the labels jsons in `folder` from the two zips; no-op if already done.
 
     Missing zips are downloaded (checked against the official md5) only if `download`; if that is off
-    or fails, raises FileNotFoundError saying where to put which zips.
+    or fails, raises FileNotFoundError saying where to put which zips. A folder prepared by an older
+    fmaml (no ``paper_*_labels.json``) only gets those written.
     """
     folder = os.path.abspath(os.path.expanduser(folder))
     if is_prepared(folder):
+        return
+    data_file = os.path.join(folder, DATA_FILE)
+    if os.path.isfile(data_file) and all(
+        os.path.isfile(os.path.join(folder, n)) for n in TORCHMETA_LABEL_FILES
+    ):
+        # Prepared before the paper split existed: data.hdf5 is complete (it is written last), so the
+        # paper's labels can be added from its keys in a second, without converting the zips again.
+        with h5py.File(data_file, "r") as f:
+            present = {f"{z}/{a}/{c}" for z in f for a in f[z] for c in f[z][a]}
+        _write_paper_label_files(folder, present)
         return
     zips = {name: os.path.join(folder, f"{name}.zip") for name in ZIP_NAMES}
     missing = [name for name, path in zips.items() if not os.path.isfile(path)]
@@ -173,6 +190,28 @@ def _write_label_files(folder: str, present: set[str]) -> None:
     for split, labels in splits.items():
         kept = sorted(t for t in labels if "/".join(t) in present)
         _write_json_atomic(os.path.join(folder, f"{split}_labels.json"), kept)
+    _write_paper_label_files(folder, present)
+
+
+def paper_split(characters: list[str]) -> tuple[list[str], list[str]]:
+    """The MAML paper's class split (Finn et al. 2017, section 5.2): (train, test) character keys.
+
+    All characters of both zips (``"images_background/<Alphabet>/characterNN"``) are sorted, shuffled by
+    ``numpy.random.default_rng(PAPER_SPLIT_SEED)``, and the first ``round(1200 / 1623 * N)`` are for
+    meta-training, the rest for meta-test: 1200 / 423 on the real N = 1623, the same proportion on
+    smaller test fixtures. The paper gives no seed (its code shuffles directory listings with Python's
+    ``random.seed(1)``, which depends on the file system's order), so this is *a* random 1200/423 split,
+    the same on every machine, not the paper's exact characters.
+    """
+    ordered = sorted(characters)  # independent of the order the zips or the hdf5 list them in
+    shuffled = [ordered[i] for i in np.random.default_rng(PAPER_SPLIT_SEED).permutation(len(ordered))]
+    num_train = round(PAPER_TRAIN_CHARACTERS / ALL_CHARACTERS * len(characters))
+    return shuffled[:num_train], shuffled[num_train:]
+
+
+def _write_paper_label_files(folder: str, present: set[str]) -> None:
+    for name, keys in zip(PAPER_LABEL_FILES, paper_split(list(present)), strict=True):
+        _write_json_atomic(os.path.join(folder, name), sorted(k.split("/") for k in keys))
 
 
 def _write_json_atomic(path: str, obj) -> None:

@@ -7,7 +7,7 @@ meta-dataset of one split. Example config::
     data:
       dataset:
         class_path: fmaml.data.Omniglot
-        init_args: {image_size: 28, rotations: true}
+        init_args: {image_size: 28, rotations: true, split: vinyals}
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from typing import Literal
 
 import h5py
 import numpy as np
+from torchmeta.datasets.omniglot import OmniglotClassDataset
 from torchmeta.transforms import Categorical, Rotation
+from torchmeta.utils.data import CombinationMetaDataset
 from torchvision.transforms import Compose, Resize, ToTensor
 
 from fmaml.data.omniglot_files import is_prepared, prepare_omniglot
@@ -62,52 +64,104 @@ class DatasetSpec:
         return f"{self.name}({args})"
 
 
+class _PaperSplitClassDataset(OmniglotClassDataset):
+    """torchmeta's Omniglot classes, read from the paper split's ``paper_{train,test}_labels.json``.
+
+    torchmeta builds the labels file name from this class attribute (``{1}`` is the meta-split), so a
+    subclass is enough: nothing in torchmeta is patched.
+    """
+
+    filename_labels = "paper_{1}_labels.json"
+
+
 class Omniglot(DatasetSpec):
-    """Omniglot, Vinyals et al. (2016) split (1028/172/423 characters), 20 drawings per character.
+    """Omniglot: 1623 characters of 50 alphabets, 20 drawings each, split by character.
 
     Args:
         image_size: images are resized from 105x105 to image_size x image_size (1 channel, ink 1.0).
         rotations: add each character rotated by 90/180/270 degrees as a new class (x4 classes).
         download: fetch the zips from GitHub if they are not in ``<root>/omniglot`` (needs network).
+        split: which characters go to meta-train / meta-validation / meta-test:
+
+            - ``"vinyals"`` (default): Vinyals et al. (2016), 1028 / 172 / 423 characters (torchmeta's
+              split). ``rotations`` apply to every split.
+            - ``"paper"``: the MAML paper's (Finn et al. 2017): all 1623 characters shuffled with a fixed
+              seed, 1200 for meta-training and the other 423 for meta-test (see
+              ``fmaml.data.omniglot_files.paper_split``; smaller fixtures keep the 1200/1623 proportion).
+              ``rotations`` augment meta-training only (the paper's "augmented with rotations by
+              multiples of 90 degrees"); meta-test keeps the 423 unrotated characters. The paper names
+              only training and test characters, so there is no separate validation set:
+              meta-validation uses the 423 test characters (other fixed tasks than the test's). fmaml never selects checkpoints by it: the last
+              checkpoint is the one tested. Only results on this split compare with the paper's.
 
     Files: ``<root>/omniglot/images_background.zip`` and ``images_evaluation.zip`` (official layout);
     ``prepare`` converts them once to ``data.hdf5`` + labels jsons (see fmaml.data.omniglot_files).
     """
 
     samples_per_class = 20
+    SPLITS = ("vinyals", "paper")
 
-    def __init__(self, image_size: int = 28, rotations: bool = True, download: bool = True):
+    def __init__(
+        self,
+        image_size: int = 28,
+        rotations: bool = True,
+        download: bool = True,
+        split: Literal["vinyals", "paper"] = "vinyals",
+    ):
         _check_positive_int("data.dataset.image_size", image_size)
+        if split not in self.SPLITS:
+            raise ValueError(
+                f"data.dataset.split={split!r} is not an Omniglot split; set --data.dataset.split to "
+                "vinyals (Vinyals et al., 1028/172/423 characters) or paper (Finn et al., 1200/423)"
+            )
         self.image_size = image_size
         self.rotations = rotations
         self.download = download
+        self.split = split
         self.input_shape = (1, image_size, image_size)
 
     def prepare(self, root: str) -> None:
         prepare_omniglot(os.path.join(root, "omniglot"), download=self.download)
 
+    def _labels_file(self, split: Split) -> str:
+        if self.split == "vinyals":
+            return f"vinyals_{split}_labels.json"
+        return f"paper_{'train' if split == 'train' else 'test'}_labels.json"
+
+    def _rotated(self, split: Split) -> bool:
+        return self.rotations and (self.split == "vinyals" or split == "train")
+
     def split_stats(self, root: str, split: Split) -> tuple[int, int]:
         folder = os.path.join(root, "omniglot")
         if not is_prepared(folder):
             self.prepare(root)
-        with open(os.path.join(folder, f"vinyals_{split}_labels.json")) as f:
+        with open(os.path.join(folder, self._labels_file(split))) as f:
             labels = json.load(f)
         with h5py.File(os.path.join(folder, "data.hdf5"), "r") as f:
             fewest = min((f["/".join(label)].shape[0] for label in labels), default=0)
-        return len(labels) * (4 if self.rotations else 1), fewest
+        return len(labels) * (4 if self._rotated(split) else 1), fewest
 
     def build(self, root, split, ways, shots, query_shots, splitter):
-        from torchmeta.datasets import Omniglot
-
-        return Omniglot(
-            root,
-            num_classes_per_task=ways,
-            meta_split=split,
-            use_vinyals_split=True,
+        kwargs = dict(
             transform=Compose([Resize(self.image_size), ToTensor()]),
-            target_transform=Categorical(ways),
-            class_augmentations=[Rotation([90, 180, 270])] if self.rotations else None,
-            dataset_transform=splitter,
+            class_augmentations=[Rotation([90, 180, 270])] if self._rotated(split) else None,
+        )
+        if self.split == "vinyals":
+            from torchmeta.datasets import Omniglot
+
+            return Omniglot(
+                root,
+                num_classes_per_task=ways,
+                meta_split=split,
+                use_vinyals_split=True,
+                target_transform=Categorical(ways),
+                dataset_transform=splitter,
+                **kwargs,
+            )
+        # Meta-validation reads the test characters: the paper has no validation set.
+        classes = _PaperSplitClassDataset(root, meta_split="train" if split == "train" else "test", **kwargs)
+        return CombinationMetaDataset(
+            classes, ways, target_transform=Categorical(ways), dataset_transform=splitter
         )
 
 
