@@ -2,7 +2,8 @@
 
 Public API: the dataset specs `Omniglot`, `MiniImageNet`, `Sinusoid`, `TorchmetaDataset` (base class
 `DatasetSpec`, what configs select with class_path) and `MetaDataModule`. The batch format is described
-in fmaml.data.tasks.
+in fmaml.data.tasks; `InMemoryEpisodes` and `SinusoidEpisodes` (fmaml.data.tensor_tasks) sample it as
+tensor ops on a device.
 
 `torchmeta_compat` is imported first: it must patch torchvision before torchmeta is first imported.
 """
@@ -12,13 +13,16 @@ from fmaml.data import torchmeta_compat  # noqa: F401  (must come before any tor
 # isort: split
 from fmaml.data.datamodule import MetaDataModule, resolve_root
 from fmaml.data.specs import DatasetSpec, MiniImageNet, Omniglot, Sinusoid, TorchmetaDataset
+from fmaml.data.tensor_tasks import InMemoryEpisodes, SinusoidEpisodes
 
 __all__ = [
     "DatasetSpec",
+    "InMemoryEpisodes",
     "MetaDataModule",
     "MiniImageNet",
     "Omniglot",
     "Sinusoid",
+    "SinusoidEpisodes",
     "TorchmetaDataset",
     "resolve_root",
 ]

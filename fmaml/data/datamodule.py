@@ -10,12 +10,18 @@ and run.
 Under DDP each process gets its share of every meta-batch (`meta_batch_size / world size` tasks, drawn
 with its rank) and of the validation/test tasks; Lightning's distributed sampler must be off
 (``Trainer(use_distributed_sampler=False)``, the CLI's default).
+
+Training tasks come from one of two samplers (`sampler`): torchmeta's, image by image in Python
+(fmaml.data.tasks), or fmaml.data.tensor_tasks, whole meta-batches as tensor ops on the training device.
+Both draw the same task distribution; validation and test always use the torchmeta tasks.
 """
 
 from __future__ import annotations
 
 # torchmeta can be imported directly here: fmaml/data/__init__.py has applied torchmeta_compat first.
 import os
+import warnings
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -23,10 +29,12 @@ import torch
 from torch.utils.data import Subset
 from torchmeta.transforms import ClassSplitter
 
-from fmaml.data.specs import SPLIT_NAMES, DatasetSpec
+from fmaml.data.specs import SPLIT_NAMES, DatasetSpec, Omniglot, Sinusoid
 from fmaml.data.tasks import FixedTasks, fixed_task_loader, random_task_loader
+from fmaml.data.tensor_tasks import InMemoryEpisodes, SinusoidEpisodes, tensor_task_loader
 
 ROOT_ENV = "FMAML_DATA_ROOT"
+SAMPLERS = ("auto", "tensor", "torchmeta")
 
 
 def resolve_root(root: str | None) -> str:
@@ -48,6 +56,12 @@ class MetaDataModule(L.LightningDataModule):
         num_val_tasks, num_test_tasks: number of fixed meta-validation / meta-test tasks.
         seed: seed of the fixed validation/test tasks (training tasks follow the global seed, which
             lightning.seed_everything exports as PL_GLOBAL_SEED; a resumed fit keeps its checkpoint's).
+        sampler: how training tasks are drawn. "tensor": whole meta-batches as tensor ops on the trainer's
+            device, in the main process whatever num_workers (fmaml.data.tensor_tasks; the Sinusoid, or a
+            classification dataset read once into memory: Omniglot takes 16 MB and a few seconds to load).
+            "torchmeta": task by task through torchmeta (any dataset; uses num_workers). "auto": "tensor"
+            for Omniglot and the Sinusoid, else "torchmeta". Both give the same task distribution, not the
+            same tasks; validation and test tasks are torchmeta's fixed ones either way.
 
     Attributes for argument linking (valid right after __init__): ``num_outputs`` (ways, or 1 for
     regression), ``loss`` ("cross_entropy" or "mse"), ``in_channels`` and ``input_shape``.
@@ -65,6 +79,7 @@ class MetaDataModule(L.LightningDataModule):
         num_val_tasks: int = 100,
         num_test_tasks: int = 600,
         seed: int = 0,
+        sampler: Literal["auto", "tensor", "torchmeta"] = "auto",
     ):
         super().__init__()
         if not isinstance(dataset, DatasetSpec):
@@ -93,6 +108,7 @@ class MetaDataModule(L.LightningDataModule):
             raise ValueError(f"data.seed={seed!r} must be an integer; set --data.seed to e.g. 0")
         if dataset.samples_per_class is not None and shots + query_shots > dataset.samples_per_class:
             raise ValueError(_too_few_samples(dataset.name, shots, query_shots, dataset.samples_per_class))
+        self.sampler = _resolve_sampler(sampler, dataset)
 
         self.dataset = dataset
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
@@ -102,6 +118,7 @@ class MetaDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["dataset"])
         self._metadatasets: dict[str, object] = {}
         self._train_seed: int | None = None  # fixed at the first train_dataloader, or by a checkpoint
+        self._episodes: InMemoryEpisodes | SinusoidEpisodes | None = None  # the tensor sampler's data
 
     # --- attributes for argument linking -------------------------------------------------------------
     @property
@@ -139,9 +156,16 @@ class MetaDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         rank, world_size = self._process()
+        batch_size = self._share(self.meta_batch_size, "meta_batch_size")
+        if self.sampler == "tensor":
+            # Sampling on the device in the main process is the point: workers would only add copies.
+            warnings.filterwarnings("ignore", message="The 'train_dataloader' does not have many workers")
+            return tensor_task_loader(
+                self._tensor_episodes(), batch_size, self._stream_seed(), rank, world_size, self._global_step
+            )
         return random_task_loader(
             self._get("train"),
-            self._share(self.meta_batch_size, "meta_batch_size"),
+            batch_size,
             self.num_workers,
             self._stream_seed(),
             rank,
@@ -173,6 +197,21 @@ class MetaDataModule(L.LightningDataModule):
             seed = os.environ.get("PL_GLOBAL_SEED")
             self._train_seed = int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         return self._train_seed
+
+    def _tensor_episodes(self) -> InMemoryEpisodes | SinusoidEpisodes:
+        """The tensor sampler's data on the training device (the trainer's root device, else the CPU),
+        loaded once."""
+        strategy = getattr(self.trainer, "strategy", None)
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
+        if self._episodes is None or self._episodes.device != device:
+            if isinstance(self.dataset, Sinusoid):
+                num_tasks = self.dataset.num_train_tasks
+                self._episodes = SinusoidEpisodes(self.shots, self.query_shots, device, num_tasks)
+            else:
+                self._episodes = InMemoryEpisodes.from_metadataset(
+                    self._get("train"), self.shots, self.query_shots, device
+                )
+        return self._episodes
 
     def _global_step(self) -> int:
         # Where the training stream (re)starts: one meta-step per batch, and Lightning restores the step
@@ -236,6 +275,26 @@ class MetaDataModule(L.LightningDataModule):
             shuffle=True, num_train_per_class=self.shots, num_test_per_class=self.query_shots
         )
         return self.dataset.build(self.root, split, self.ways, self.shots, self.query_shots, splitter)
+
+
+def _resolve_sampler(sampler: str, dataset: DatasetSpec) -> str:
+    """What `sampler` means for `dataset` ("tensor" or "torchmeta"), or a clear error."""
+    if sampler not in SAMPLERS:
+        raise ValueError(
+            f"data.sampler={sampler!r} is not one of {', '.join(SAMPLERS)}; set --data.sampler=auto (tensor "
+            "where supported), tensor or torchmeta"
+        )
+    # The tensor sampler knows one regression task family (the sinusoid); any classification dataset
+    # whose classes fit in memory works, but only Omniglot is chosen automatically.
+    supported = isinstance(dataset, Sinusoid) or dataset.task_type == "classification"
+    if sampler == "tensor" and not supported:
+        raise ValueError(
+            f"data.sampler=tensor does not support {dataset.name} (regression tasks other than the "
+            "Sinusoid); set --data.sampler=torchmeta or auto"
+        )
+    if sampler == "auto":
+        return "tensor" if isinstance(dataset, (Omniglot, Sinusoid)) else "torchmeta"
+    return sampler
 
 
 def _is_int(value) -> bool:
