@@ -10,6 +10,7 @@ Nothing here knows about Lightning, torchmeta or configs. State is explicit:
 The layers, from the inside out:
 
     adapt(params, buffers, support)           -> adapted params          inner SGD, one task
+    adapt_steps(params, buffers, support)     -> params after each step  the same, step by step
     task_loss(params, buffers, task)          -> (query loss, metrics)   adapt + evaluate, one task
     task_loss_and_grad(params, buffers, task) -> (grads, loss, metrics)  d task_loss / d params, one task
     meta_loss(params, buffers, tasks)         -> (mean loss, metrics)    every task, by a strategy
@@ -22,27 +23,40 @@ backward, pytorch/functorch#534; see ../shared/repros/vmap_batchnorm_double_back
 `autograd.Function`: callers still write `meta_loss(...)[0].backward()`, and the result is exact under
 every strategy, for any model. (The loop strategy, which has no vmap, lets autograd differentiate the
 loop directly: the same per-task function, one backward pass.)
+
+The MAML++ / Meta-SGD / ANIL options, each off by default (and then costing nothing):
+- learned inner rates: any tensor of `lr` that requires grad is meta-learned, e.g. a dict of rates shaped
+  like the params (Meta-SGD) or a per-step list of dicts of scalars (MAML++ LSLR); under vmap they are
+  differentiated inputs of the per-task function, like the params;
+- `step_weights`: the multi-step loss (MSL), the weighted query loss after every inner step
+  (`msl_weights` gives MAML++'s annealed weights);
+- `adapt_only`: the names of the params the inner loop adapts (ANIL: the head's); the others are used
+  as they are, and the inner gradient skips them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 Params = dict[str, Tensor]
 Tasks = Mapping[str, tuple[Tensor, Tensor]]
 LossName = Literal["cross_entropy", "mse"]
 # The inner learning rate: one float; a dict of per-parameter rates (Meta-SGD: a float or a tensor
 # shaped like the parameter); or a sequence of either, one per inner step (MAML++ per-step rates).
+# Tensors that require grad are learned: the meta-gradient reaches them too.
 InnerLR = (
     float | Tensor | Mapping[str, float | Tensor] | Sequence[float | Tensor | Mapping[str, float | Tensor]]
 )
+# The multi-step loss: one weight per inner step, [steps]; None is MAML's loss after the last step only.
+StepWeights = Tensor | Sequence[float] | None
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 STRATEGIES = ("auto", "vmap", "loop", "chunked:N")
@@ -59,6 +73,10 @@ def _lr_for(lr: InnerLR, step: int, name: str) -> float | Tensor:
     return lr
 
 
+def _detached(params: Params) -> Params:
+    return {name: p.detach() for name, p in params.items()}
+
+
 def adapt(
     params: Params,
     buffers: Params,
@@ -69,26 +87,53 @@ def adapt(
     steps: int = 1,
     lr: InnerLR = 0.4,
     first_order: bool = False,
+    adapt_only: Collection[str] | None = None,
 ) -> Params:
     """Adapt `params` to one task by `steps` steps of SGD on its support set.
 
     support: (x [ways*shots, ...], y [ways*shots] or [K, 1]), a single task (no task dimension).
     Returns the adapted params, differentiable w.r.t. `params` (second order) unless `first_order`,
-    which detaches each inner gradient (FOMAML).
+    which detaches each inner gradient (FOMAML). `adapt_only`: the names of the params to adapt (ANIL);
+    the others come back unchanged. None adapts them all.
     """
+    inner = dict(model=model, loss=loss, steps=steps, lr=lr, first_order=first_order, adapt_only=adapt_only)
+    adapted = params
+    for adapted in adapt_steps(params, buffers, support, **inner):  # noqa: B007 (only the last is wanted)
+        pass
+    return adapted
+
+
+def adapt_steps(
+    params: Params,
+    buffers: Params,
+    support: tuple[Tensor, Tensor],
+    *,
+    model: nn.Module,
+    loss: LossName = "cross_entropy",
+    steps: int = 1,
+    lr: InnerLR = 0.4,
+    first_order: bool = False,
+    adapt_only: Collection[str] | None = None,
+) -> Iterator[Params]:
+    """`adapt`, step by step: yields the params after each of the `steps` inner steps."""
     x, y = support
     loss_fn = LOSSES[loss]
+    frozen: Params = {}
+    if adapt_only is not None:
+        # ANIL: the other params are constants of the inner problem, so the inner gradient skips them.
+        frozen = {name: p for name, p in params.items() if name not in adapt_only}
+        params = {name: p for name, p in params.items() if name in adapt_only}
 
-    def support_loss(p: Params) -> Tensor:
-        return loss_fn(functional_call(model, (p, buffers), (x,)), y)
+    def support_loss(p: Params, fixed: Params) -> Tensor:
+        return loss_fn(functional_call(model, (p, fixed, buffers), (x,)), y)
 
     for step in range(steps):
         # First order: the inner gradient is a constant, so take it at detached params; that builds no
         # graph for the outer derivative to walk (same values as detaching the gradient afterwards).
-        at = {name: p.detach() for name, p in params.items()} if first_order else params
-        grads = grad(support_loss)(at)
+        at, fixed = (_detached(params), _detached(frozen)) if first_order else (params, frozen)
+        grads = grad(support_loss)(at, fixed)
         params = {name: p - _lr_for(lr, step, name) * grads[name] for name, p in params.items()}
-    return params
+        yield params | frozen if frozen else params
 
 
 def _evaluate(params: Params, buffers: Params, x: Tensor, y: Tensor, model: nn.Module, loss: LossName):
@@ -109,6 +154,8 @@ def task_loss(
     lr: InnerLR = 0.4,
     first_order: bool = False,
     metrics_before: bool = True,
+    step_weights: StepWeights = None,
+    adapt_only: Collection[str] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Adapt on one task's support set, then evaluate on its query set.
 
@@ -116,13 +163,22 @@ def task_loss(
     Returns (query loss after adaptation, metrics). metrics holds scalar tensors: "loss", and for
     classification "accuracy"; with `metrics_before` also "loss_before" (and "accuracy_before"), the
     query numbers of the unadapted params, at the cost of one more query forward pass.
+    step_weights [steps]: the multi-step loss, sum_i step_weights[i] * (query loss after step i+1), at
+    the cost of one query forward per step; the metrics stay those after the last step.
     """
-    adapted = adapt(
-        params, buffers, task["support"], model=model, loss=loss, steps=steps, lr=lr, first_order=first_order
-    )
+    inner = dict(model=model, loss=loss, steps=steps, lr=lr, first_order=first_order, adapt_only=adapt_only)
     query_x, query_y = task["query"]
-    value, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss)
-    metrics = {"loss": value.detach()} | ({"accuracy": accuracy} if accuracy is not None else {})
+    if step_weights is None:
+        adapted = adapt(params, buffers, task["support"], **inner)
+        value, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss)
+        last = value
+    else:
+        value = 0.0
+        every_step = adapt_steps(params, buffers, task["support"], **inner)
+        for weight, adapted in zip(step_weights, every_step, strict=True):
+            last, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss)
+            value = value + weight * last
+    metrics = {"loss": last.detach()} | ({"accuracy": accuracy} if accuracy is not None else {})
     if metrics_before:
         with torch.no_grad():  # the "before" numbers are only reported, never differentiated
             value_before, accuracy_before = _evaluate(params, buffers, query_x, query_y, model, loss)
@@ -138,11 +194,41 @@ def task_loss_and_grad(params: Params, buffers: Params, task: Tasks, **config) -
     return grads, value, metrics
 
 
+def _task_loss_and_grads_with_rates(
+    inputs: tuple[Params, list[Tensor]], buffers: Params, task: Tasks, *, with_rates: Callable, **config
+) -> tuple[tuple[Params, list[Tensor]], Tensor, dict]:
+    """`task_loss_and_grad` w.r.t. the params and the learned inner rates: inputs = (params, rates), and
+    `with_rates(rates)` is the `lr` they stand in (see `_learned_rates`). Returns ((param grads, rate grads),
+    query loss, metrics)."""
+
+    def loss_of(params: Params, rates: list[Tensor]):
+        return task_loss(params, buffers, task, **(config | {"lr": with_rates(rates)}))
+
+    grads, (value, metrics) = grad_and_value(loss_of, argnums=(0, 1), has_aux=True)(*inputs)
+    return grads, value, metrics
+
+
+def _learned_rates(lr: InnerLR) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], InnerLR]]:
+    """The learned inner rates (the tensors of `lr` that require grad), and the function that rebuilds
+    `lr` with other tensors in their places, in the same order."""
+    leaves, spec = tree_flatten(lr)
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
+
+    def with_rates(rates: Sequence[Tensor]) -> InnerLR:
+        new = list(leaves)
+        for i, rate in zip(where, rates, strict=True):
+            new[i] = rate
+        return tree_unflatten(new, spec)
+
+    return [leaves[i] for i in where], with_rates
+
+
 # ------------------------------------------------------------------------------------------ strategies
 
 
-def _over_tasks(fn: Callable, params: Params, buffers: Params, tasks: Tasks, strategy: str):
-    """Apply `fn(params, buffers, task)` to every task; outputs are stacked along a new task dim."""
+def _over_tasks(fn: Callable, params: Params | tuple, buffers: Params, tasks: Tasks, strategy: str):
+    """Apply `fn(params, buffers, task)` to every task; outputs are stacked along a new task dim.
+    `params` is shared by all tasks: the params, or (params, learned rates)."""
     if strategy == "vmap":
         return vmap(fn, in_dims=(None, None, 0), randomness="different")(params, buffers, tasks)
     if strategy.startswith("chunked:"):
@@ -180,12 +266,13 @@ def resolve_strategy(strategy: str, model: nn.Module, device: torch.device | str
 class _ExactMetaLoss(torch.autograd.Function):
     """Mean query loss whose backward is the mean of per-task gradients computed in the forward.
 
-    The forward receives the already-computed values; this Function only connects them to `params`
-    in the autograd graph, so that `.backward()` (and DDP's gradient hooks) see the exact gradient.
+    The forward receives the already-computed values; this Function only connects them to its inputs
+    (the params, and any learned inner rates) in the autograd graph, so that `.backward()` (and DDP's
+    gradient hooks) see the exact gradient.
     """
 
     @staticmethod
-    def forward(ctx, loss: Tensor, grads: tuple[Tensor, ...], *params: Tensor) -> Tensor:
+    def forward(ctx, loss: Tensor, grads: tuple[Tensor, ...], *inputs: Tensor) -> Tensor:
         ctx.save_for_backward(*grads)
         return loss.clone()
 
@@ -206,6 +293,8 @@ def meta_loss(
     first_order: bool = False,
     strategy: str = "auto",
     metrics_before: bool = True,
+    step_weights: StepWeights = None,
+    adapt_only: Collection[str] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The MAML meta-objective over a meta-batch: the mean over tasks of the post-adaptation query loss.
 
@@ -214,18 +303,40 @@ def meta_loss(
     strategy: how the same per-task function runs over the tasks: "vmap" (torch.func.vmap, all at once),
               "loop" (a Python loop), "chunked:N" (vmap over N tasks at a time, to bound memory), or
               "auto" (see `resolve_strategy`). All give the same loss and meta-gradient.
-    Returns (loss, metrics): `loss` is a scalar; when grad is enabled and some param requires grad,
-    `loss.backward()` puts the exact (second-order unless `first_order`) meta-gradient in `.grad`.
-    `metrics` holds per-task tensors [tasks]: loss, and for classification accuracy; with
-    `metrics_before` (one more query forward per task) also loss_before and accuracy_before.
+    lr: see `InnerLR`; its tensors that require grad are learned inner rates (Meta-SGD, MAML++ LSLR).
+    step_weights [steps]: the multi-step loss (MAML++ MSL, see `msl_weights`); None: the last step's only.
+    adapt_only: the names of the params the inner loop adapts (ANIL); None: all of them.
+    Returns (loss, metrics): `loss` is a scalar; when grad is enabled and some param (or learned rate)
+    requires grad, `loss.backward()` puts the exact (second-order unless `first_order`) meta-gradient in
+    `.grad`. `metrics` holds per-task tensors [tasks]: loss, and for classification accuracy (after the
+    last inner step); with `metrics_before` (one more query forward per task) also loss_before and
+    accuracy_before.
     """
-    check_arguments(params, tasks, model=model, loss=loss, steps=steps, lr=lr, strategy=strategy)
+    check_arguments(
+        params,
+        tasks,
+        model=model,
+        loss=loss,
+        steps=steps,
+        lr=lr,
+        strategy=strategy,
+        step_weights=step_weights,
+        adapt_only=adapt_only,
+    )
     strategy = resolve_strategy(strategy, model, tasks["support"][0].device)
     config = dict(
-        model=model, loss=loss, steps=steps, lr=lr, first_order=first_order, metrics_before=metrics_before
+        model=model,
+        loss=loss,
+        steps=steps,
+        lr=lr,
+        first_order=first_order,
+        metrics_before=metrics_before,
+        step_weights=step_weights,
+        adapt_only=adapt_only,
     )
     names = [name for name, p in params.items() if p.requires_grad]
-    if not (torch.is_grad_enabled() and names):
+    learned, with_rates = _learned_rates(lr) if torch.is_grad_enabled() else ([], None)
+    if not (torch.is_grad_enabled() and (names or learned)):
         # Evaluation: inner gradients only (torch.func.grad works under no_grad), no meta-gradient.
         _, metrics = _over_tasks(
             lambda p, b, t: task_loss(p, b, t, **config), params, buffers, tasks, strategy
@@ -240,15 +351,43 @@ def meta_loss(
         )
         return values.mean(), metrics
 
-    def per_task(p: Params, b: Params, t: Tasks):
-        return task_loss_and_grad(p, b, t, **config)
-
-    # Detached inputs: the gradient reaches params only through _ExactMetaLoss, never twice.
+    # Detached inputs: the gradient reaches params (and rates) only through _ExactMetaLoss, never twice.
     detached = {name: p.detach() for name, p in params.items()}
-    grads, values, metrics = _over_tasks(per_task, detached, buffers, tasks, strategy)
-    mean_grads = tuple(grads[name].mean(0) for name in names)
-    value = _ExactMetaLoss.apply(values.mean(), mean_grads, *(params[name] for name in names))
+    if not learned:
+
+        def per_task(p: Params, b: Params, t: Tasks):
+            return task_loss_and_grad(p, b, t, **config)
+
+        grads, values, metrics = _over_tasks(per_task, detached, buffers, tasks, strategy)
+        mean_grads = tuple(grads[name].mean(0) for name in names)
+    else:
+
+        def per_task(inputs: tuple[Params, list[Tensor]], b: Params, t: Tasks):
+            return _task_loss_and_grads_with_rates(inputs, b, t, with_rates=with_rates, **config)
+
+        inputs = (detached, [rate.detach() for rate in learned])
+        (grads, rate_grads), values, metrics = _over_tasks(per_task, inputs, buffers, tasks, strategy)
+        mean_grads = (*(grads[name].mean(0) for name in names), *(g.mean(0) for g in rate_grads))
+    value = _ExactMetaLoss.apply(values.mean(), mean_grads, *(params[name] for name in names), *learned)
     return value, metrics
+
+
+# ------------------------------------------------------------------------------------- MAML++ schedules
+
+
+def msl_weights(steps: int, meta_step: int, anneal_steps: int) -> list[float]:
+    """The multi-step loss weights of MAML++ (Antoniou et al. 2019) at `meta_step`: [steps] floats.
+
+    `get_per_step_loss_importance_vector` of their code, with meta-steps for its epochs: uniform (1/steps)
+    at meta-step 0; each earlier step's weight then falls by 1/steps/anneal_steps per meta-step down to
+    0.03/steps, and the last step gets the rest, so the weights always sum to 1. (MAML++ then drops the
+    multi-step loss after `anneal_steps`: the caller's choice, see fmaml.module.MAML.)
+    """
+    decay = 1.0 / steps / anneal_steps
+    floor = 0.03 / steps
+    earlier = [max(1.0 / steps - meta_step * decay, floor)] * (steps - 1)
+    last = min(1.0 / steps + meta_step * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
+    return [*earlier, last]
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -278,9 +417,25 @@ def check_strategy(strategy, name: str = "strategy") -> None:
         raise ValueError(f"{name}={strategy!r} is unknown: use one of {', '.join(STRATEGIES)} (N >= 1)")
 
 
-def check_arguments(params: Params, tasks: Tasks, *, model, loss, steps, lr, strategy) -> None:
+def check_adapt_only(adapt_only, names: Collection[str], name: str = "adapt_only") -> None:
+    """`adapt_only` must be None or a non-empty collection of names among `names` (the params')."""
+    if adapt_only is None:
+        return
+    if isinstance(adapt_only, str) or not isinstance(adapt_only, Collection) or not adapt_only:
+        raise ValueError(
+            f"{name}={adapt_only!r}: give a non-empty list of parameter names to adapt (or None for all)"
+        )
+    if unknown := sorted(set(adapt_only) - set(names)):
+        raise ValueError(f"{name}: no parameters named {unknown}; the parameters are {list(names)}")
+
+
+def check_arguments(
+    params: Params, tasks: Tasks, *, model, loss, steps, lr, strategy, step_weights=None, adapt_only=None
+) -> None:
     """Raise a ValueError that names the argument, its value and the fix, before any work starts."""
     check_steps(steps)
+    check_adapt_only(adapt_only, params)
+    adapted = set(params) if adapt_only is None else set(adapt_only)
     per_step = isinstance(lr, Sequence) and not isinstance(lr, str)
     if per_step and len(lr) != steps:
         raise ValueError(
@@ -288,9 +443,19 @@ def check_arguments(params: Params, tasks: Tasks, *, model, loss, steps, lr, str
         )
     for rate in list(lr) if per_step else [lr]:
         for value in rate.values() if isinstance(rate, Mapping) else [rate]:
-            check_lr(value)
-        if isinstance(rate, Mapping) and (missing := sorted(set(params) - set(rate))):
+            # Tensors are not checked: they may be learned rates, which Meta-SGD lets take any sign, and
+            # a check would cost a device sync per meta-step. The numbers a user types are.
+            if not isinstance(value, Tensor):
+                check_lr(value)
+        if isinstance(rate, Mapping) and (missing := sorted(adapted - set(rate))):
             raise ValueError(f"lr is a per-parameter dict but has no rate for {missing}: give one per param")
+    if step_weights is not None:
+        is_vector = not isinstance(step_weights, Tensor) or step_weights.dim() == 1
+        if not is_vector or len(step_weights) != steps:
+            raise ValueError(
+                f"step_weights={step_weights!r}: give one weight per inner step (steps={steps}), the weight "
+                "of the query loss after that step"
+            )
     check_strategy(strategy)
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} is unknown: use one of {sorted(LOSSES)}")

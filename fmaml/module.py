@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from fmaml.maml import LossName, check_lr, check_steps, check_strategy, meta_loss
+from fmaml.maml import InnerLR, LossName, check_lr, check_steps, check_strategy, meta_loss, msl_weights
 
 
 class MAML(L.LightningModule):
@@ -29,7 +30,23 @@ class MAML(L.LightningModule):
     compile: run the meta-loss through `torch.compile` (a one-off compile of tens of seconds; see the
         README's benchmarks for when it pays).
     optimizer, lr_scheduler: the meta-optimizer (Adam 1e-3 by default) and an optional scheduler,
-        stepped once per meta-step.
+        stepped once per meta-step (MAML++'s cosine annealing: `CosineAnnealingLR` with T_max = max_steps,
+        configs/omniglot_mamlpp.yaml).
+
+    The MAML++ / Meta-SGD / ANIL options, each off by default:
+    learn_inner_lr: meta-learn the inner rates, initialised to `inner_lr`: "per_parameter" (Meta-SGD, a
+        rate tensor shaped like each parameter, used at every step) or "per_layer_per_step" (MAML++ LSLR, a
+        scalar per parameter tensor per inner step). They live in `inner_lrs` (checkpointed, updated by the
+        meta-optimizer, any sign allowed, mean logged as train/inner_lr_mean). Evaluation uses them too;
+        with per-step rates, evaluation steps beyond `inner_steps` reuse the last step's rate.
+    multi_step_loss, msl_anneal_steps: MAML++'s multi-step loss, the query loss after every inner step
+        weighted by `fmaml.maml.msl_weights` (uniform at first, annealed toward the last step over
+        `msl_anneal_steps` meta-steps, 10 epochs of 500 in MAML++), then the last step's loss only, as
+        in MAML++. Training only: evaluation reports the last step's loss.
+    second_order_from_step: derivative-order annealing (MAML++): first order for meta-steps
+        0 .. N-1, second order from meta-step N (needs first_order: false).
+    adapt_only: ANIL, adapt only the parameters under these name prefixes (e.g. ["head"]); the others are
+        meta-learned but left as they are by the inner loop, whose gradient skips them.
     """
 
     def __init__(
@@ -46,6 +63,11 @@ class MAML(L.LightningModule):
         compile: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        learn_inner_lr: Literal["off", "per_parameter", "per_layer_per_step"] = "off",
+        multi_step_loss: bool = False,
+        msl_anneal_steps: int = 5000,
+        second_order_from_step: int | None = None,
+        adapt_only: list[str] | None = None,
     ):
         super().__init__()
         # Fail at start-up, not after data preparation, on settings the engine would reject at step 0.
@@ -56,17 +78,45 @@ class MAML(L.LightningModule):
         if eval_inner_lr is not None:
             check_lr(eval_inner_lr, "model.eval_inner_lr")
         check_strategy(strategy, "model.strategy")
+        _check_options(learn_inner_lr, eval_inner_lr, msl_anneal_steps, second_order_from_step, first_order)
         self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.network = network(num_outputs)
         self.loss = loss
         self.strategy = strategy
         self.meta_loss = torch.compile(meta_loss) if compile else meta_loss
-        self.train_inner = dict(steps=inner_steps, lr=inner_lr, first_order=first_order)
+        self.adapt_only = _adapted_names(self.network, adapt_only)
+        self.train_inner = dict(
+            steps=inner_steps, lr=inner_lr, first_order=first_order, adapt_only=self.adapt_only
+        )
         self.eval_inner = dict(
             steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
             lr=inner_lr if eval_inner_lr is None else eval_inner_lr,
+            adapt_only=self.adapt_only,
         )
+        self.learn_inner_lr = learn_inner_lr
+        self.multi_step_loss = multi_step_loss
+        self.msl_anneal_steps = msl_anneal_steps
+        self.second_order_from_step = second_order_from_step
+        # Learned rates, only for the adapted parameters. ParameterDict keys cannot hold dots.
+        self._rate_keys = {
+            name: name.replace(".", "-")
+            for name, _ in self.network.named_parameters()
+            if self.adapt_only is None or name in self.adapt_only
+        }
+        self.inner_lrs = None
+        if learn_inner_lr != "off":
+            parameters = dict(self.network.named_parameters())
+            self.inner_lrs = nn.ParameterDict(
+                {
+                    key: nn.Parameter(
+                        torch.full_like(parameters[name], inner_lr)
+                        if learn_inner_lr == "per_parameter"
+                        else torch.full((inner_steps,), float(inner_lr))
+                    )
+                    for name, key in self._rate_keys.items()
+                }
+            )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._test_metrics: list[dict[str, Tensor]] = []
@@ -84,7 +134,10 @@ class MAML(L.LightningModule):
             )
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.network.parameters())
+        parameters = list(self.network.parameters())
+        if self.inner_lrs is not None:
+            parameters += list(self.inner_lrs.parameters())
+        optimizer = self.optimizer_factory(parameters)
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
@@ -104,6 +157,29 @@ class MAML(L.LightningModule):
                 f"{stage}/{name}", values.mean(), batch_size=batch_size, sync_dist=stage != "train", **kwargs
             )
 
+    def _learned_lr(self, steps: int, detach: bool = False) -> InnerLR:
+        """The learned rates as the engine's `lr`: per-parameter tensors (Meta-SGD), or one dict of scalars
+        per step (LSLR), where steps beyond the trained ones (evaluation) reuse the last step's rate."""
+        rates = {name: self.inner_lrs[key] for name, key in self._rate_keys.items()}
+        if detach:
+            rates = {name: rate.detach() for name, rate in rates.items()}
+        if self.learn_inner_lr == "per_parameter":
+            return rates
+        last = self.train_inner["steps"] - 1
+        return [{name: rate[min(step, last)] for name, rate in rates.items()} for step in range(steps)]
+
+    def _train_inner(self) -> dict:
+        """This meta-step's inner-loop settings: the fixed ones, plus the options that depend on the step."""
+        inner, step = self.train_inner, self.global_step
+        if self.inner_lrs is not None:
+            inner = inner | {"lr": self._learned_lr(inner["steps"])}
+        if self.second_order_from_step is not None:
+            inner = inner | {"first_order": step < self.second_order_from_step}
+        if self.multi_step_loss and step < self.msl_anneal_steps:
+            weights = msl_weights(inner["steps"], step, self.msl_anneal_steps)
+            inner = inner | {"step_weights": weights}
+        return inner
+
     def training_step(self, tasks, batch_idx):
         optimizer = self.optimizers()
         optimizer.zero_grad()
@@ -113,7 +189,7 @@ class MAML(L.LightningModule):
             tasks,
             dict(self.network.named_parameters()),
             metrics_before=self._logs_this_step(),
-            **self.train_inner,
+            **self._train_inner(),
         )
         if not torch.isfinite(value):
             raise FloatingPointError(
@@ -126,6 +202,9 @@ class MAML(L.LightningModule):
         if scheduler is not None:
             scheduler.step()
         self._log_metrics("train", metrics, prog_bar=True)
+        if self.inner_lrs is not None:
+            rates = torch.cat([rate.detach().flatten() for rate in self.inner_lrs.values()])
+            self.log("train/inner_lr_mean", rates.mean())
         return value
 
     def _logs_this_step(self) -> bool:
@@ -136,8 +215,11 @@ class MAML(L.LightningModule):
         # Detached params: evaluation adapts (inner gradients) but needs no meta-gradient. Grad mode is
         # switched on anyway, so that no adaptation can silently turn into a no-op under no_grad.
         params = {name: p.detach() for name, p in self.network.named_parameters()}
+        inner = self.eval_inner
+        if self.inner_lrs is not None:
+            inner = inner | {"lr": self._learned_lr(inner["steps"], detach=True)}
         with torch.enable_grad():
-            _, metrics = self._meta_loss(tasks, params, **self.eval_inner)
+            _, metrics = self._meta_loss(tasks, params, **inner)
         return metrics
 
     def validation_step(self, tasks, batch_idx):
@@ -180,3 +262,59 @@ class MAML(L.LightningModule):
                 f"test {main} over {values.numel()} tasks after {steps} inner steps: "
                 f"{mean * scale:.2f}{unit} ± {ci95 * scale:.2f}{unit} (95% CI)"
             )
+
+
+def _check_options(
+    learn_inner_lr, eval_inner_lr, msl_anneal_steps, second_order_from_step, first_order
+) -> None:
+    """The MAML++ / Meta-SGD options, checked at start-up with the parameter, its value and the fix."""
+    choices = ("off", "per_parameter", "per_layer_per_step")
+    if learn_inner_lr not in choices:
+        raise ValueError(
+            f"model.learn_inner_lr={learn_inner_lr!r} is unknown: use one of {', '.join(choices)}"
+        )
+    if learn_inner_lr != "off" and eval_inner_lr is not None:
+        raise ValueError(
+            f"model.eval_inner_lr={eval_inner_lr} with model.learn_inner_lr={learn_inner_lr}: evaluation "
+            "uses the learned rates; drop eval_inner_lr (or set learn_inner_lr: off)"
+        )
+    if isinstance(msl_anneal_steps, bool) or not isinstance(msl_anneal_steps, int) or msl_anneal_steps < 1:
+        raise ValueError(
+            f"model.msl_anneal_steps={msl_anneal_steps!r}: the meta-steps over which the multi-step loss "
+            "weights anneal must be an integer >= 1, e.g. 5000"
+        )
+    if second_order_from_step is None:
+        return
+    step = second_order_from_step
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(
+            f"model.second_order_from_step={step!r}: the meta-step from which training is second order "
+            "must be an integer >= 0 (meta-steps before it are first order)"
+        )
+    if first_order:
+        raise ValueError(
+            f"model.second_order_from_step={second_order_from_step} switches to second order at that "
+            "meta-step, but model.first_order=true keeps every step first order: set first_order: false "
+            "(or drop second_order_from_step)"
+        )
+
+
+def _adapted_names(network: nn.Module, prefixes: list[str] | None) -> list[str] | None:
+    """The parameter names under `prefixes` (ANIL's `adapt_only`: "head" selects head.weight, head.bias)."""
+    if prefixes is None:
+        return None
+    names = [name for name, _ in network.named_parameters()]
+
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    if isinstance(prefixes, str) or not prefixes:
+        raise ValueError(
+            f"model.adapt_only={prefixes!r}: give a list of parameter name prefixes, e.g. [head]"
+        )
+    if unknown := [prefix for prefix in prefixes if not any(under(name, prefix) for name in names)]:
+        raise ValueError(
+            f"model.adapt_only={prefixes!r}: {unknown} match no parameter of the network. Give module or "
+            f"parameter names, e.g. [head]; the network's parameters are {names}"
+        )
+    return [name for name in names if any(under(name, prefix) for prefix in prefixes)]
