@@ -100,6 +100,7 @@ def bare_step_times(cli: MAMLCLI, batches: list[dict], warmup: int) -> list[floa
             model=network,
             loss=module.loss,
             strategy=module.strategy,
+            metrics_before=False,  # as training_step on the steps that write no logs
             **module.train_inner,
         )
         if not torch.isfinite(loss):

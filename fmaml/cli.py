@@ -6,7 +6,10 @@ Defaults that differ from Lightning's, and why:
   interrupted run resumes with `--ckpt_path last` and loses nothing;
 - use_distributed_sampler=False: under DDP the DataModule gives each process its own share of the tasks
   (Lightning's sampler would shuffle the endless training stream and pad the fixed evaluation tasks);
-- the data decides the model's number of outputs (the ways) and its loss, through argument links.
+- the data decides the model's number of outputs (the ways) and its loss, through argument links;
+- with `--ckpt_path`, Lightning rebuilds the model from the checkpoint's hyperparameters, which would
+  silently override the evaluation settings given in the config or on the command line: those
+  (`EVALUATION_KEYS`) stay the user's, so `test --ckpt_path ... --model.eval_inner_steps=10` does that.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ TRAINER_DEFAULTS = {
 }
 
 
+# Settings that only decide how a trained model is evaluated (or run): the user's, not the checkpoint's.
+EVALUATION_KEYS = ("eval_inner_steps", "eval_inner_lr", "strategy", "compile")
+
 # Lightning warns that with manual optimization a step checkpoint holds the weights *after* the step;
 # that is exactly what resuming needs, so the warning only adds noise to every run.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -51,6 +57,17 @@ class MAMLCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return super()._parse_ckpt_path()
+        model = self.config[subcommand].model
+        given = {key: model.get(key) for key in EVALUATION_KEYS}
+        super()._parse_ckpt_path()
+        model = self.config[subcommand].model
+        for key, value in given.items():
+            model[key] = value
 
     def before_instantiate_classes(self) -> None:
         """Check `--ckpt_path` before any long work, and make `--ckpt_path last` resume the newest run."""

@@ -140,6 +140,34 @@ def test_sinusoid_fast_dev_run(tmp_path, monkeypatch):
     assert "train/loss" in cli.trainer.callback_metrics
 
 
+def test_evaluation_settings_given_with_a_checkpoint_are_used(tmp_path, monkeypatch):
+    """Lightning rebuilds the model from the checkpoint's hyperparameters; the evaluation settings given
+    on the command line must still win (the paper's protocol tests one model after 1, 5 and 10 steps)."""
+    monkeypatch.chdir(tmp_path)
+    run(
+        "fit",
+        "--config",
+        config("sinusoid.yaml"),
+        "--trainer.max_steps=3",
+        "--trainer.limit_val_batches=0",
+        *TINY,
+    )
+    last = str(tmp_path / "logs" / "fmaml" / "version_0" / "checkpoints" / "last.ckpt")
+    losses = {}
+    for steps in (1, 10):
+        test = run(
+            "test",
+            "--config",
+            config("sinusoid.yaml"),
+            f"--ckpt_path={last}",
+            f"--model.eval_inner_steps={steps}",
+            *TINY,
+        )
+        assert test.model.eval_inner["steps"] == steps
+        losses[steps] = float(test.trainer.callback_metrics["test/loss_mean"])
+    assert losses[10] < losses[1], losses  # more adaptation steps, lower query MSE
+
+
 def test_miniimagenet_fast_dev_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_miniimagenet(tmp_path / "data")
