@@ -66,7 +66,9 @@ def _mlp_case():
 CASES = pytest.mark.parametrize("case", [_conv_case, _mlp_case], ids=["convnet_bn", "mlp"])
 
 
-def unrolled_reference(model, tasks, loss, steps, rate, *, step_weights=None, adapt_only=None, wrt=()):
+def unrolled_reference(
+    model, tasks, loss, steps, rate, *, step_weights=None, adapt_only=None, wrt=(), first_order=False
+):
     """Mean over tasks of the (multi-step) query loss, and its gradient w.r.t. the model's params and the
     tensors in `wrt`, by autograd through an explicit loop. rate(step, name): the inner rate."""
     loss_fn = LOSSES[loss]
@@ -79,7 +81,7 @@ def unrolled_reference(model, tasks, loss, steps, rate, *, step_weights=None, ad
         fast, objective = dict(params), 0.0
         for step in range(steps):
             inner = loss_fn(functional_call(model, fast, (xs[i],)), ys[i])
-            grads = torch.autograd.grad(inner, [fast[n] for n in adapted], create_graph=True)
+            grads = torch.autograd.grad(inner, [fast[n] for n in adapted], create_graph=not first_order)
             fast = fast | {n: fast[n] - rate(step, n) * g for n, g in zip(adapted, grads, strict=True)}
             if step_weights is not None:
                 objective = objective + step_weights[step] * loss_fn(
@@ -250,6 +252,21 @@ def test_anil_meta_gradient_equals_unrolled_reference(case, strategy):
     # ANIL is not MAML: the features' meta-gradient changes when they are no longer adapted.
     _, _, maml_grads = engine_gradient(model, tasks, loss, 2, lr, strategy)
     assert relative_error(grads, maml_grads) > 1e-3
+
+
+@CASES
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_anil_first_order_meta_gradient_reaches_the_features(case, strategy):
+    # First order detaches the inner gradient, not the frozen features: their meta-gradient is the query
+    # loss's at the adapted head.
+    model, tasks, loss, lr, head = case()
+    _, reference = unrolled_reference(
+        model, tasks, loss, 2, lambda step, n: lr, adapt_only=head, first_order=True
+    )
+    _, _, grads = engine_gradient(model, tasks, loss, 2, lr, strategy, adapt_only=head, first_order=True)
+    assert relative_error(grads, reference) <= 1e-9
+    features = [g for (name, _), g in zip(model.named_parameters(), grads, strict=True) if name not in head]
+    assert all(g is not None and g.abs().sum() > 0 for g in features)
 
 
 def test_anil_with_learned_rates_for_the_head_only():
@@ -452,7 +469,8 @@ def test_mamlpp_config_learns_per_layer_per_step_rates(omniglot_root, tmp_path):
         f"--data.root={omniglot_root}",
         "--model.network.filters=4",
     ]
-    cli = main(["fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=0", *TINY])
+    fit = ["--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1"]
+    cli = main(["fit", *common, *fit, *TINY])
     module = cli.model
     assert isinstance(
         cli.trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.CosineAnnealingLR
