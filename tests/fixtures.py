@@ -29,6 +29,23 @@ OMNIGLOT_SPLIT_ALPHABETS = {
 REAL_OMNIGLOT_ENV = "FMAML_OMNIGLOT_ZIPS"
 _SESSION_CACHE: dict[str, str] = {}
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# CLI arguments for end-to-end tests: a small meta-batch and few tasks, on CPU, quiet. The CLI path is
+# what those tests check, not the paper's numbers.
+TINY = [
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.meta_batch_size=2",
+    "--data.num_val_tasks=4",
+    "--data.num_test_tasks=6",
+]
+
+
+def config(name: str) -> str:
+    """The path of configs/<name>."""
+    return os.path.join(REPO, "configs", name)
+
 
 def class_pattern(class_id: int, size: int, channels: int = 0) -> np.ndarray:
     """A random 7x7 block pattern (bool), fixed by class_id, upscaled to size x size (x channels)."""

@@ -8,26 +8,13 @@ import sys
 
 import pytest
 import torch
-from fixtures import real_omniglot_root, tiny_omniglot_root, write_miniimagenet
+from fixtures import TINY, config, real_omniglot_root, tiny_omniglot_root, write_miniimagenet
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fmaml.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
-# A small network and few tasks: the CLI path is what is tested here, not the paper's numbers.
-TINY = [
-    "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--data.meta_batch_size=2",
-    "--data.num_val_tasks=4",
-    "--data.num_test_tasks=6",
-]
-
-
-def config(name: str) -> str:
-    return os.path.join(REPO, "configs", name)
 
 
 def run(*args: str):

@@ -5,12 +5,11 @@ torch.func.grad, no vmap, nothing of the engine's.
 """
 
 import math
-import os
 
 import lightning as L
 import pytest
 import torch
-from fixtures import tiny_omniglot_root
+from fixtures import TINY, config, tiny_omniglot_root
 from torch.func import functional_call
 
 from fmaml import MLP, ConvNet, adapt, meta_loss
@@ -19,22 +18,7 @@ from fmaml.data import MetaDataModule, Sinusoid
 from fmaml.maml import LOSSES, msl_weights
 from fmaml.module import MAML
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = ["vmap", "loop", "chunked:2"]
-TINY = [
-    "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--data.meta_batch_size=2",
-    "--data.num_val_tasks=4",
-    "--data.num_test_tasks=6",
-]
-
-
-def config(name: str) -> str:
-    return os.path.join(REPO, "configs", name)
-
-
 # ------------------------------------------------------------------------------- cases and reference
 
 
