@@ -157,7 +157,20 @@ class StreamLoader(DataLoader):
 
 
 def _as_is(batch):
-    return batch  # RandomTasks items are whole batches already
+    return batch  # stream items are whole batches already
+
+
+def stream_loader(batches: Dataset, num_workers: int, position: Callable[[], int]) -> StreamLoader:
+    """The loader of a training stream whose item i is meta-batch i (RandomTasks, tensor_tasks.EpisodeStream),
+    starting at batch `position()` (see StreamSampler)."""
+    return StreamLoader(
+        batches,
+        batch_size=None,  # each item is a batch
+        sampler=StreamSampler(len(batches), position),
+        num_workers=num_workers,
+        collate_fn=_as_is,
+        persistent_workers=num_workers > 0,
+    )
 
 
 def random_task_loader(
@@ -171,15 +184,7 @@ def random_task_loader(
 ) -> DataLoader:
     """Random training tasks, `batch_size` per batch, for process `rank` of `world_size`; the first batch
     is batch `position()` of the stream (see RandomTasks, StreamSampler)."""
-    tasks = RandomTasks(metadataset, batch_size, seed, rank, world_size)
-    return StreamLoader(
-        tasks,
-        batch_size=None,  # each item is a batch
-        sampler=StreamSampler(len(tasks), position),
-        num_workers=num_workers,
-        collate_fn=_as_is,
-        persistent_workers=num_workers > 0,
-    )
+    return stream_loader(RandomTasks(metadataset, batch_size, seed, rank, world_size), num_workers, position)
 
 
 # ------------------------------------------------------------------------------------ validation, test

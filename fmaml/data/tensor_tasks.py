@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchmeta.transforms import HorizontalFlip, Rotation, VerticalFlip
 
-from fmaml.data.tasks import SPLIT_IDS, StreamLoader, StreamSampler, _as_is
+from fmaml.data.tasks import SPLIT_IDS, StreamLoader, stream_loader
 
 Batch = dict[str, tuple[Tensor, Tensor]]
 
@@ -225,11 +225,4 @@ def tensor_task_loader(
 ) -> StreamLoader:
     """The training stream of `episodes` (InMemoryEpisodes, SinusoidEpisodes), from batch `position()`.
     Sampled in the main process (no workers): the work is a few tensor ops on the training device."""
-    stream = EpisodeStream(episodes, batch_size, seed, rank, world_size)
-    return StreamLoader(
-        stream,
-        batch_size=None,
-        sampler=StreamSampler(len(stream), position),
-        num_workers=0,
-        collate_fn=_as_is,
-    )
+    return stream_loader(EpisodeStream(episodes, batch_size, seed, rank, world_size), 0, position)
