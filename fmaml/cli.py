@@ -2,28 +2,34 @@
 
 Defaults that differ from Lightning's, and why:
 - inference_mode=False: evaluation adapts with inner gradients, which inference tensors forbid;
-- a TensorBoard logger under ./logs, a checkpoint of the last step (plus one on any exception), so an
-  interrupted run resumes with `--ckpt_path last` and loses nothing;
+- a TensorBoard logger under ./logs, and `last.ckpt` every 500 steps and at the final step, whatever
+  stopped the run (max_steps, max_time, early stopping, Ctrl-C, SIGTERM, an exception): fmaml.callbacks;
 - use_distributed_sampler=False: under DDP the DataModule gives each process its own share of the tasks
   (Lightning's sampler would shuffle the endless training stream and pad the fixed evaluation tasks);
-- the data decides the model's number of outputs (the ways) and its loss, through argument links;
-- with `--ckpt_path`, Lightning rebuilds the model from the checkpoint's hyperparameters, which would
-  silently override the evaluation settings given in the config or on the command line: those
-  (`EVALUATION_KEYS`) stay the user's, so `test --ckpt_path ... --model.eval_inner_steps=10` does that.
+- the data decides the model's number of outputs (the ways) and its loss, through argument links, and the
+  network's input shape is checked against the data's before anything is prepared;
+- checkpoints are never used blindly (fmaml.runs): `test`/`validate` need `--ckpt_path` (`initial` for the
+  untrained weights, on purpose); `--ckpt_path last` resumes the newest run of this logger name (or of
+  `--checkpoint.dirpath`); a resume must keep what defines training, and an evaluation the network, with
+  every conflict listed by key. The command's settings are the ones that run: Lightning's re-parsing of
+  the checkpoint's hyperparameters over the config, which silently replaced them, is off.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import warnings
 
+import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from fmaml import runs
+from fmaml.callbacks import Checkpoint, LearningRateMonitor, SaveRunConfig, config_dict
 from fmaml.data import MetaDataModule
 from fmaml.module import MAML
+from fmaml.schedules import check_max_steps_for_schedule
 
 TRAINER_DEFAULTS = {
     "inference_mode": False,
@@ -33,10 +39,8 @@ TRAINER_DEFAULTS = {
         "init_args": {"save_dir": "logs", "name": "fmaml"},
     },
 }
-
-
-# Settings that only decide how a trained model is evaluated (or run): the user's, not the checkpoint's.
-EVALUATION_KEYS = ("eval_inner_steps", "eval_inner_lr", "strategy", "compile")
+# `--ckpt_path initial`: evaluate the untrained initial weights, on purpose.
+INITIAL_WEIGHTS = "initial"
 
 # Lightning warns that with manual optimization a step checkpoint holds the weights *after* the step;
 # that is exactly what resuming needs, so the warning only adds noise to every run.
@@ -48,7 +52,7 @@ class MAMLCLI(LightningCLI):
         parser.link_arguments("data.num_outputs", "model.num_outputs", apply_on="instantiate")
         parser.link_arguments("data.loss", "model.loss", apply_on="instantiate")
         # Always-on callbacks, each configurable (`--checkpoint.every_n_train_steps=100`).
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
@@ -59,51 +63,133 @@ class MAMLCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
 
     def _parse_ckpt_path(self) -> None:
-        subcommand = self.config.get("subcommand")
-        if subcommand is None:
-            return super()._parse_ckpt_path()
-        model = self.config[subcommand].model
-        given = {key: model.get(key) for key in EVALUATION_KEYS}
-        super()._parse_ckpt_path()
-        model = self.config[subcommand].model
-        for key, value in given.items():
-            model[key] = value
+        """Off: the command's settings run, checked against the checkpoint's in before_instantiate_classes."""
 
     def before_instantiate_classes(self) -> None:
-        """Check `--ckpt_path` before any long work, and make `--ckpt_path last` resume the newest run."""
+        """Check `--ckpt_path` and the settings against its run, before any long work."""
         config = self.config.get(self.subcommand) if self.subcommand else None
-        if config is None or config.get("ckpt_path") is None:
+        if config is None:
             return
-        if config.ckpt_path == "last":
-            config.ckpt_path = self._resume_last(config)
-        elif config.ckpt_path not in ("best", "hpc", "registry") and not os.path.isfile(config.ckpt_path):
+        if self.subcommand == "fit":
+            _check_lr_schedule(config)
+        if self.subcommand in ("test", "validate") and config.get("ckpt_path") is None:
+            raise ValueError(
+                f"{self.subcommand} needs --ckpt_path: the path of a .ckpt written by fit (e.g. "
+                "logs/fmaml/version_0/checkpoints/last.ckpt), or `last` for the newest run's. Without one it "
+                f"would evaluate random weights; --ckpt_path={INITIAL_WEIGHTS} does that on purpose."
+            )
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None:
+            if self.subcommand == "fit":
+                runs.check_fresh_checkpoint_folder(config.checkpoint.dirpath)
+            return
+        if ckpt_path == INITIAL_WEIGHTS and self.subcommand != "fit":
+            config.ckpt_path = None
+            rank_zero_info(
+                f"{self.subcommand}: evaluating the untrained initial weights (--ckpt_path=initial)"
+            )
+            return
+        if ckpt_path == "last":
+            config.ckpt_path = self._find_last(config)
+        elif ckpt_path in ("best", "hpc", "registry"):
+            return
+        elif not os.path.isfile(ckpt_path):
             raise FileNotFoundError(
-                f"--ckpt_path={config.ckpt_path}: no such checkpoint file. Give the path of a .ckpt written by "
+                f"--ckpt_path={ckpt_path}: no such checkpoint file. Give the path of a .ckpt written by "
                 "fit (e.g. logs/fmaml/version_0/checkpoints/last.ckpt), or `last` for the newest run's."
             )
+        self._check_against_run(config)
 
-    @staticmethod
-    def _resume_last(config) -> str:
-        # Lightning looks for "last" only in the *new* run's version folder, which is always empty; resume the
-        # newest run's last.ckpt instead, and keep logging into that run's version so its curves continue.
+    def _find_last(self, config) -> str:
+        # Lightning looks for "last" only in the *new* run's version folder, which is always empty; take the
+        # newest run of this logger name (or --checkpoint.dirpath), and let a fit keep logging into its
+        # version folder so its curves continue.
         logger = config.trainer.logger
         init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
-        if init_args is None or "save_dir" not in init_args:
+        save_dir = init_args.get("save_dir") if init_args is not None else None
+        name = init_args.get("name") if init_args is not None else None
+        path, version = runs.newest_last_checkpoint(save_dir, name, config.checkpoint.dirpath)
+        if self.subcommand == "fit" and version is not None:
+            init_args.version = version
+        rank_zero_info(f"--ckpt_path=last: {path}")
+        return path
+
+    def _check_against_run(self, config) -> None:
+        run, source = runs.run_config(config.ckpt_path)
+        if run is None:
+            rank_zero_warn(
+                f"--ckpt_path={config.ckpt_path}: cannot check the settings against its run: {source}"
+            )
+            return
+        command = runs.flatten(config_dict(self._parser(self.subcommand), config))
+        if self.subcommand == "fit":
+            conflicts = runs.differences(command, run, runs.defines_training)
+            what = "what defines training (network, inner loop, optimizer, scheduler, tasks)"
+        else:
+            conflicts = runs.differences(command, run, runs.defines_network)
+            what = "the network"
+        if conflicts:
             raise ValueError(
-                "--ckpt_path=last needs a logger with a save_dir; give the checkpoint's path instead"
+                f"--ckpt_path={config.ckpt_path}: this command differs from the run that wrote it ({source}) "
+                f"in {what}:\n{runs.describe(conflicts)}\nUse the run's settings, or start a new fit "
+                "without --ckpt_path."
             )
-        pattern = os.path.join(
-            init_args.save_dir, init_args.name or "", "version_*", "checkpoints", "last.ckpt"
+        if self.subcommand != "fit":
+            changed = runs.differences(command, run, runs.defines_training)
+            if changed:
+                rank_zero_warn(
+                    f"{self.subcommand}: evaluating {config.ckpt_path} with this command's settings, which differ "
+                    f"from its run's ({source}):\n{runs.describe(changed)}"
+                )
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self.subcommand is not None:
+            check_input_shape(self.model.network, self.datamodule.input_shape, self.config[self.subcommand])
+
+
+def check_input_shape(network: torch.nn.Module, data_shape: tuple[int, ...], config) -> None:
+    """The network must take the data's inputs: a ConvNet built for 28x28 fed 84x84 images would fail
+    deep in the first step (or, for some sizes, run on the wrong geometry). Checked before data preparation."""
+    expected = getattr(network, "input_shape", None)
+    if expected is None or not data_shape or tuple(expected) == tuple(data_shape):
+        return
+    network_args = config.model.network.get("init_args") or {}
+    dataset = config.data.dataset
+    data_args = dataset.get("init_args") or {}
+    raise ValueError(
+        f"the network expects inputs {list(expected)}, but the data gives {list(data_shape)}: "
+        f"model.network ({config.model.network.class_path}: {_settings(network_args)}) against data.dataset "
+        f"({dataset.class_path}: {_settings(data_args)}). Make them agree, e.g. "
+        f"--model.network.init_args.image_size or --data.dataset.init_args.image_size"
+    )
+
+
+def _settings(init_args) -> str:
+    items = dict(init_args).items() if init_args else ()
+    shown = {k: v for k, v in items if k in ("in_channels", "image_size", "in_features", "input_shape")}
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults"
+
+
+def _check_lr_schedule(config) -> None:
+    """A cosine schedule must know the run's length: fail now, not after data preparation."""
+    scheduler = config.model.get("lr_scheduler")
+    if not isinstance(scheduler, Namespace):
+        return
+    init_args = scheduler.get("init_args") or Namespace()
+    max_steps = config.trainer.get("max_steps")
+    if scheduler.class_path.endswith("CosineAnnealingToMaxSteps") and init_args.get("total_steps") is None:
+        check_max_steps_for_schedule(max_steps)
+    elif (
+        scheduler.class_path.endswith("CosineAnnealingLR")
+        and max_steps
+        and max_steps > init_args.get("T_max", 0)
+    ):
+        rank_zero_warn(
+            f"model.lr_scheduler CosineAnnealingLR has T_max={init_args.get('T_max')} < trainer.max_steps="
+            f"{max_steps}: past T_max the meta learning rate rises again. Use "
+            "fmaml.schedules.CosineAnnealingToMaxSteps, which anneals over max_steps."
         )
-        found = sorted(glob.glob(pattern), key=os.path.getmtime)
-        if not found:
-            raise FileNotFoundError(
-                f"--ckpt_path=last: no checkpoint matches {pattern}. Start a fit without --ckpt_path first, "
-                "or give the path of a .ckpt."
-            )
-        version = os.path.basename(os.path.dirname(os.path.dirname(found[-1])))
-        init_args.version = version
-        return found[-1]
 
 
 def main(args: list[str] | None = None) -> MAMLCLI:
@@ -112,6 +198,6 @@ def main(args: list[str] | None = None) -> MAMLCLI:
         MetaDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
         seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveRunConfig,
         args=args,
     )

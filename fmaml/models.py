@@ -57,6 +57,7 @@ class ConvNet(nn.Module):
             *(_conv_block(in_channels if i == 0 else filters, filters, pooling) for i in range(4))
         )
         self.head = nn.Linear(filters * size * size, ways)
+        self.input_shape = (in_channels, image_size, image_size)  # checked against the data by the CLI
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).flatten(1))
@@ -75,6 +76,7 @@ class MLP(nn.Module):
         for a, b in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.layers = nn.Sequential(*layers, nn.Linear(sizes[-1], outputs))
+        self.input_shape = (in_features,)  # checked against the data by the CLI
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)

@@ -6,7 +6,9 @@ test), with which inner-loop settings, and what to log.
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 from collections.abc import Callable
 from typing import Literal
 
@@ -16,6 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from fmaml.maml import InnerLR, LossName, check_lr, check_steps, check_strategy, meta_loss, msl_weights
+from fmaml.schedules import CosineAnnealingToMaxSteps, check_max_steps_for_schedule
 
 
 class MAML(L.LightningModule):
@@ -30,8 +33,8 @@ class MAML(L.LightningModule):
     compile: run the meta-loss through `torch.compile` (a one-off compile of tens of seconds; see the
         README's benchmarks for when it pays).
     optimizer, lr_scheduler: the meta-optimizer (Adam 1e-3 by default) and an optional scheduler,
-        stepped once per meta-step (MAML++'s cosine annealing: `CosineAnnealingLR` with T_max = max_steps,
-        configs/omniglot_mamlpp.yaml).
+        stepped once per meta-step (MAML++'s cosine annealing over the run's max_steps:
+        `fmaml.schedules.CosineAnnealingToMaxSteps`, configs/omniglot_mamlpp.yaml).
 
     The MAML++ / Meta-SGD / ANIL options, each off by default:
     learn_inner_lr: meta-learn the inner rates, initialised to `inner_lr`: "per_parameter" (Meta-SGD, a
@@ -47,7 +50,19 @@ class MAML(L.LightningModule):
         0 .. N-1, second order from meta-step N (needs first_order: false).
     adapt_only: ANIL, adapt only the parameters under these name prefixes (e.g. ["head"]); the others are
         meta-learned but left as they are by the inner loop, whose gradient skips them.
+    per_task_csv: `test` also writes every test task's metrics to this CSV (one row per task, in task
+        order), to compare two models task by task.
+
+    A non-finite meta-loss never reaches the weights. On the CPU, where checking it costs nothing, training
+    stops at once, before the update. On an accelerator, a host check every meta-step would stall the
+    queue of device work, so the update is applied or skipped on the device (`_guarded_update`) and the
+    host looks at the outcome only where it synchronises anyway: on steps that write logs, before every
+    checkpoint, and at the end. Training then stops, naming the first bad step, with the weights and the
+    optimizer state as they were before it; no checkpoint is ever written from a non-finite state.
     """
+
+    # None: defer the finite check on accelerators only (see the class docstring); tests force either way.
+    defer_finite_check: bool | None = None
 
     def __init__(
         self,
@@ -68,6 +83,7 @@ class MAML(L.LightningModule):
         msl_anneal_steps: int = 5000,
         second_order_from_step: int | None = None,
         adapt_only: list[str] | None = None,
+        per_task_csv: str | None = None,
     ):
         super().__init__()
         # Fail at start-up, not after data preparation, on settings the engine would reject at step 0.
@@ -119,9 +135,15 @@ class MAML(L.LightningModule):
             )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.per_task_csv = per_task_csv
         self._test_metrics: list[dict[str, Tensor]] = []
+        self._first_nonfinite_step: Tensor | None = (
+            None  # -1 while every meta-loss was finite (deferred check)
+        )
+        self.checkpoint_step: int | None = None  # the global step of the checkpoint loaded, if any
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.checkpoint_step = checkpoint.get("global_step")
         # Lightning's own error lists every mismatched tensor; say first what went wrong and what to do.
         mine = {name: tuple(t.shape) for name, t in self.state_dict().items()}
         theirs = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
@@ -191,22 +213,78 @@ class MAML(L.LightningModule):
         value, metrics = self._meta_loss(
             tasks, dict(self.network.named_parameters()), metrics_before=logs, **self._train_inner()
         )
-        if not torch.isfinite(value):
-            raise FloatingPointError(
-                f"the meta-loss became {value.item()} at step {self.global_step}: training stopped before "
-                f"updating on it. Lower model.inner_lr (now {self.train_inner['lr']}) or the meta learning rate."
-            )
-        self.manual_backward(value)
-        optimizer.step()
+        if self._defers_finite_check(value):
+            self._guarded_update(optimizer, value)
+        else:
+            if not torch.isfinite(value):
+                raise FloatingPointError(
+                    f"the meta-loss became {value.item()} at step {self.global_step}: training stopped before "
+                    f"updating on it. {self._nonfinite_hint()}"
+                )
+            self.manual_backward(value)
+            optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
         if logs:
+            self.raise_if_not_finite()
             self._log_metrics("train", metrics, prog_bar=True)
             if self.inner_lrs is not None:
                 rates = torch.cat([rate.detach().flatten() for rate in self.inner_lrs.values()])
                 self.log("train/inner_lr_mean", rates.mean())
         return value
+
+    def _nonfinite_hint(self) -> str:
+        return f"Lower model.inner_lr (now {self.hparams.inner_lr}) or the meta learning rate."
+
+    def _defers_finite_check(self, value: Tensor) -> bool:
+        return value.device.type != "cpu" if self.defer_finite_check is None else self.defer_finite_check
+
+    def _guarded_update(self, optimizer, value: Tensor) -> None:
+        """backward and optimizer.step(), kept on the device only while every meta-loss so far was finite:
+        from the first non-finite one on, each weight and optimizer-state tensor is put back as it was."""
+        step = torch.tensor(self.global_step, device=value.device)
+        if self._first_nonfinite_step is None:
+            self._first_nonfinite_step = torch.full_like(step, -1)
+        healthy = self._first_nonfinite_step < 0
+        finite = torch.isfinite(value.detach())
+        keep = healthy & finite
+        self._first_nonfinite_step = torch.where(healthy & ~finite, step, self._first_nonfinite_step)
+        self.manual_backward(value)
+        before = {id(t): t.detach().clone() for t in _update_tensors(optimizer, keep.device)}
+        optimizer.step()
+        with torch.no_grad():
+            for t in _update_tensors(optimizer, keep.device):
+                # State the first step creates (Adam's moments) goes back to "absent", i.e. zeros.
+                old = before.get(id(t))
+                t.copy_(torch.where(keep, t, torch.zeros_like(t) if old is None else old))
+
+    def state_is_finite(self) -> bool:
+        """False once a deferred check has seen a non-finite meta-loss (a host sync; not per step)."""
+        return self._first_nonfinite_step is None or int(self._first_nonfinite_step) < 0
+
+    def raise_if_not_finite(self) -> None:
+        if self.state_is_finite():
+            return
+        raise FloatingPointError(
+            f"the meta-loss became non-finite at step {int(self._first_nonfinite_step)} (seen at step "
+            f"{self.global_step}: on an accelerator it is checked where the host waits anyway): training "
+            "stopped. No update was applied from that step on, and no checkpoint holds that state. "
+            + self._nonfinite_hint()
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_not_finite()
+
+    def on_train_start(self) -> None:
+        # After a resume has restored the scheduler's state, which carries the old run's length.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, CosineAnnealingToMaxSteps) and scheduler.follows_max_steps:
+                scheduler.total_steps = check_max_steps_for_schedule(self.trainer.max_steps)
+
+    def on_train_end(self) -> None:
+        self.raise_if_not_finite()
 
     def _logs_this_step(self) -> bool:
         trainer = self.trainer
@@ -236,33 +314,67 @@ class MAML(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """The paper's protocol: mean over all test tasks with a 95% confidence interval."""
-
-        def gather(values: Tensor) -> Tensor:
-            # Every DDP process holds its share of the tasks, which may differ in length by one, while
-            # all_gather needs equal shapes: pad to the longest share, then keep each process's own part.
-            counts = self.all_gather(torch.tensor(values.numel(), device=values.device)).reshape(-1)
-            padded = values.new_zeros(int(counts.max()))
-            padded[: values.numel()] = values
-            shares = self.all_gather(padded).reshape(len(counts), -1)
-            return torch.cat([share[:count] for share, count in zip(shares, counts.tolist(), strict=True)])
-
-        per_task = {
-            name: gather(torch.cat([m[name] for m in self._test_metrics])) for name in self._test_metrics[0]
-        }
+        per_task = self._gather_per_task(
+            {k: torch.cat([m[k] for m in self._test_metrics]) for k in self._test_metrics[0]}
+        )
         main = "accuracy" if "accuracy" in per_task else "loss"
         values = per_task[main].double()
-        mean = values.mean().item()
-        ci95 = 1.96 * values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else float("nan")
+        mean, ci95 = values.mean().item(), ci95_half_width(values)
         self.log(f"test/{main}_mean", mean)
         self.log(f"test/{main}_ci95", ci95)
         self.log("test/num_tasks", float(values.numel()))
-        if self.trainer.is_global_zero:
-            scale, unit = (100.0, "%") if main == "accuracy" else (1.0, "")
-            steps = self.eval_inner["steps"]
-            print(
-                f"test {main} over {values.numel()} tasks after {steps} inner steps: "
-                f"{mean * scale:.2f}{unit} ± {ci95 * scale:.2f}{unit} (95% CI)"
-            )
+        if not self.trainer.is_global_zero:
+            return
+        if self.per_task_csv:
+            _write_csv(self.per_task_csv, per_task)
+        scale, unit = (100.0, "%") if main == "accuracy" else (1.0, "")
+        ckpt = self.trainer.ckpt_path
+        weights = (
+            f"checkpoint {ckpt} (step {self.checkpoint_step})" if ckpt else "the untrained initial weights"
+        )
+        print(
+            f"test {main} over {values.numel()} tasks after {self.eval_inner['steps']} inner steps: "
+            f"{mean * scale:.2f}{unit} ± {ci95 * scale:.2f}{unit} (95% CI), {weights}"
+        )
+
+    def _gather_per_task(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every process's per-task values, in task order.
+
+        Process r holds tasks r, r + W, r + 2W, ... (fmaml.data's sharding), and the shares may differ in
+        length by one while all_gather needs equal shapes: pad to the longest, then interleave."""
+        if self.trainer.world_size == 1:
+            return metrics
+        any_values = next(iter(metrics.values()))
+        counts = self.all_gather(torch.tensor(any_values.numel(), device=any_values.device)).reshape(-1)
+        world, longest = len(counts), int(counts.max())
+        owner = torch.arange(longest * world).remainder(world)  # task t lives on process t % W, at t // W
+        present = torch.arange(longest * world) < int(counts.sum())
+        ordered = {}
+        for name, values in metrics.items():
+            padded = values.new_zeros(longest)
+            padded[: values.numel()] = values
+            shares = self.all_gather(padded).reshape(world, longest)
+            tasks = torch.arange(longest * world)
+            ordered[name] = shares[owner, tasks // world][present]
+        return ordered
+
+
+def ci95_half_width(values: Tensor) -> float:
+    """Half-width of the normal 95% confidence interval of the mean (NaN for a single value)."""
+    n = values.numel()
+    return 1.96 * values.double().std().item() / math.sqrt(n) if n > 1 else float("nan")
+
+
+def _write_csv(path: str, per_task: dict[str, Tensor]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    names = list(per_task)
+    columns = [per_task[name].double().cpu().tolist() for name in names]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", *names])
+        for task, row in enumerate(zip(*columns, strict=True)):
+            writer.writerow([task, *(repr(v) for v in row)])
 
 
 def _check_options(
@@ -319,3 +431,13 @@ def _adapted_names(network: nn.Module, prefixes: list[str] | None) -> list[str] 
             f"parameter names, e.g. [head]; the network's parameters are {names}"
         )
     return [name for name in names if any(under(name, prefix) for prefix in prefixes)]
+
+
+def _update_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> list[Tensor]:
+    """What optimizer.step() changes on `device`: the parameters and their state tensors (moments, step)."""
+    tensors = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            tensors.append(p)
+            tensors += [v for v in optimizer.state.get(p, {}).values() if isinstance(v, Tensor)]
+    return [t for t in tensors if t.device == device]

@@ -84,8 +84,26 @@ def test_wrong_class_path_is_rejected(capsys):
 def test_checkpoint_of_another_model_shape_is_rejected(tmp_path):
     main(["fit", "--config", SINUSOID, "--trainer.max_steps=1", "--trainer.val_check_interval=1", *QUIET])
     last = tmp_path / "logs" / "fmaml" / "version_0" / "checkpoints" / "last.ckpt"
-    with pytest.raises(ValueError, match="checkpoint holds a network of another shape"):
+    # The run's stored config names the conflicting setting ...
+    with pytest.raises(ValueError, match=r"in the network:\n  model\.network\.init_args\.hidden"):
         main(["test", "--config", SINUSOID, "--model.network.hidden=[20,20]", f"--ckpt_path={last}", *QUIET])
+    # ... and a checkpoint without one (written before fmaml stored it) still fails on the shapes.
+    checkpoint = torch.load(last, weights_only=False)
+    del checkpoint["fmaml_run"]
+    torch.save(checkpoint, tmp_path / "bare.ckpt")
+    (tmp_path / "logs" / "fmaml" / "version_0" / "config.yaml").unlink()
+    with pytest.warns(UserWarning, match="cannot check the settings against its run"):
+        with pytest.raises(ValueError, match="checkpoint holds a network of another shape"):
+            main(
+                [
+                    "test",
+                    "--config",
+                    SINUSOID,
+                    "--model.network.hidden=[20,20]",
+                    f"--ckpt_path={tmp_path}/bare.ckpt",
+                    *QUIET,
+                ]
+            )
 
 
 def test_output_size_cannot_be_set_apart_from_ways(capsys):

@@ -4,6 +4,7 @@ Through the code path users get: the MAML LightningModule's training_step under 
 `manual_backward` through fmaml's autograd.Function (vmap strategy) or plain autograd (loop).
 """
 
+import csv
 import os
 import subprocess
 import sys
@@ -143,4 +144,26 @@ def test_cli_fit_and_test_with_ddp(tmp_path):
     run("fit", "--trainer.max_steps=2", "--trainer.val_check_interval=2")
     last = tmp_path / "logs" / "fmaml" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 2
-    assert "test loss over 5 tasks" in run("test", f"--ckpt_path={last}")
+    # Test on 2 processes (3 + 2 tasks) against 1 process on the same 5 tasks: the same per-task values
+    # in the same order, so the same mean and confidence interval.
+    ddp = run("test", f"--ckpt_path={last}", "--model.per_task_csv=ddp.csv")
+    single = run(
+        "test",
+        f"--ckpt_path={last}",
+        "--model.per_task_csv=single.csv",
+        "--trainer.strategy=auto",
+        "--trainer.devices=1",
+    )
+
+    def read(name):
+        with open(tmp_path / name) as f:
+            return [(int(r["task"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+    assert [t for t, _ in read("ddp.csv")] == list(range(5))
+    assert [v for _, v in read("ddp.csv")] == pytest.approx([v for _, v in read("single.csv")], rel=1e-6)
+
+    def summary(out):
+        (line,) = [line for line in out.splitlines() if line.startswith("test loss over 5 tasks")]
+        return line
+
+    assert summary(ddp) == summary(single)

@@ -17,6 +17,7 @@ from fmaml.cli import main
 from fmaml.data import MetaDataModule, Sinusoid
 from fmaml.maml import LOSSES, msl_weights
 from fmaml.module import MAML
+from fmaml.schedules import CosineAnnealingToMaxSteps
 
 STRATEGIES = ["vmap", "loop", "chunked:2"]
 # ------------------------------------------------------------------------------- cases and reference
@@ -456,9 +457,8 @@ def test_mamlpp_config_learns_per_layer_per_step_rates(omniglot_root, tmp_path):
     fit = ["--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1"]
     cli = main(["fit", *common, *fit, *TINY])
     module = cli.model
-    assert isinstance(
-        cli.trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.CosineAnnealingLR
-    )
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert isinstance(scheduler, CosineAnnealingToMaxSteps) and scheduler.total_steps == 2  # max_steps
     assert module.inner_lrs["head-weight"].shape == (5,)  # one rate per inner step
     # The rates are given to the meta-optimizer, moved from their init, logged, and checkpointed.
     optimized = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
