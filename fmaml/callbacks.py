@@ -83,13 +83,14 @@ class SaveRunConfig(SaveConfigCallback):
     """Saves the config as config.yaml in the log folder (config-N.yaml if one is there) and in checkpoints."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.already_saved or trainer.log_dir is None:
+        log_dir = None if self.already_saved else trainer.log_dir  # a collective call: on every process
+        if log_dir is None:
             return super().setup(trainer, pl_module, stage)
         # A resume logs into its run's folder: keep that run's config.yaml, add this command's beside it.
         if trainer.is_global_zero:
             stem, suffix = os.path.splitext("config.yaml")
             name, number = self.config_filename, 0
-            while os.path.exists(os.path.join(trainer.log_dir, name)):
+            while os.path.exists(os.path.join(log_dir, name)):
                 number += 1
                 name = f"{stem}-{number}{suffix}"
             self.config_filename = name

@@ -95,7 +95,10 @@ class InMemoryEpisodes:
 
     @classmethod
     def from_metadataset(cls, metadataset, shots: int, query_shots: int, device="cpu") -> InMemoryEpisodes:
-        """Read every base class of a torchmeta CombinationMetaDataset through its own transform."""
+        """Read every base class of a torchmeta CombinationMetaDataset through its own transform, class
+        by class into one preallocated ``[classes, samples, C, H, W]`` tensor: uint8 if every image is
+        exactly k/255 (ToTensor of uint8 images: 4x less memory, exactly), else float. A split is never
+        held as float on the way: MiniImageNet's would be several GB."""
         class_dataset = metadataset.dataset
         base = [
             class_dataset[c] for c in range(class_dataset.num_classes)
@@ -106,14 +109,28 @@ class InMemoryEpisodes:
                 f"data.sampler=tensor needs the same number of examples in every class, got sizes "
                 f"{sorted(sizes)[:5]}...; use --data.sampler=torchmeta"
             )
-        images = torch.stack(
-            [torch.stack([examples[k][0] for k in range(len(examples))]) for examples in base]
-        )
-        if images.dim() == 4:  # [classes, samples, H, W]: no channel axis
-            images = images.unsqueeze(2)
-        as_uint8 = (images * 255).round()
-        if torch.equal(as_uint8 / 255, images):  # ToTensor of uint8 images: 4x less memory, exactly
-            images = as_uint8.to(torch.uint8)
+        images = None
+        for c, examples in enumerate(base):
+            x = torch.stack([examples[k][0] for k in range(len(examples))])  # [samples, (C,) H, W]
+            if x.dim() == 3:  # [samples, H, W]: no channel axis
+                x = x.unsqueeze(1)
+            if images is None:
+                images = torch.empty(len(base), *x.shape, dtype=torch.uint8)
+            elif x.shape != images.shape[1:]:
+                raise ValueError(
+                    f"data.sampler=tensor needs images of one shape, got {tuple(x.shape[1:])} in class {c} "
+                    f"and {tuple(images.shape[2:])} before; use --data.sampler=torchmeta"
+                )
+            if images.dtype == torch.uint8:
+                pixels = _uint8_pixels(x)
+                if pixels is not None:
+                    images[c] = pixels
+                    continue
+                # Not k/255: the whole split stays float (the classes read so far, back exactly).
+                as_float = torch.empty(images.shape, dtype=x.dtype)
+                as_float[:c].copy_(images[:c]).div_(255)
+                images = as_float
+            images[c] = x
         height, width = images.shape[-2:]
         maps = [pixel_map(a, height, width) for a in [None, *class_dataset.class_augmentations]]
         with warnings.catch_warnings():  # torchmeta warns that C(classes, ways) exceeds sys.maxsize
@@ -153,6 +170,15 @@ class InMemoryEpisodes:
             x = flat.gather(-1, pixels[:, :, None, None, :].expand_as(flat)).view_as(x)
         x = x.float() / 255 if x.dtype == torch.uint8 else x
         return _split(x, labels, self.shots)
+
+
+def _uint8_pixels(x: Tensor) -> Tensor | None:
+    """Float images -> their pixel values round(x * 255) (same shape, in x's dtype), or None unless every
+    image is exactly k/255, k = 0..255 (then x.float() / 255 of the uint8 pixels gives back x)."""
+    pixels = (x * 255).round_()
+    if torch.equal(pixels / 255, x) and (x.numel() == 0 or (pixels.min() >= 0 and pixels.max() <= 255)):
+        return pixels
+    return None
 
 
 def _split(x: Tensor, labels: Tensor, shots: int) -> Batch:
