@@ -60,6 +60,7 @@ StepWeights = Tensor | Sequence[float] | None
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 STRATEGIES = ("auto", "vmap", "loop", "chunked:N")
+MEMORY = ("store", "recompute")
 
 
 # ---------------------------------------------------------------------------------------------- one task
@@ -227,6 +228,99 @@ def _learned_rates(lr: InnerLR) -> tuple[list[Tensor], Callable[[Sequence[Tensor
     return [leaves[i] for i in where], with_rates
 
 
+def task_loss_and_grad_recompute(
+    params: Params,
+    buffers: Params,
+    task: Tasks,
+    *,
+    model: nn.Module,
+    loss: LossName = "cross_entropy",
+    steps: int = 1,
+    lr: InnerLR = 0.4,
+    first_order: bool = False,
+    metrics_before: bool = True,
+    step_weights: StepWeights = None,
+    learned_rates: Sequence[Tensor] = (),
+    with_rates: Callable | None = None,
+) -> tuple[tuple[Params, list[Tensor]], Tensor, dict]:
+    """`task_loss_and_grad` in memory that does not grow with the inner steps: ((param grads, rate grads),
+    query loss, metrics), the same values to rounding.
+
+    Only the inner iterates θ_0..θ_k are kept; the meta-gradient runs backwards over the steps, each
+    recomputed alone (../shared/DESIGN.md, "Bounded memory"). With θ_{i+1} = θ_i - α_i ⊙ g_i, g_i the
+    support gradient at θ_i, and J = Σ_i w_i L_q(θ_i):
+        a = w_k ∇L_q(θ_k);  for i = k-1 .. 0:  dJ/dα_i = -a ⊙ g_i;  a <- a - H_s(θ_i)(α_i ⊙ a) + w_i ∇L_q(θ_i)
+    and dJ/dθ_0 = a (first order drops the Hessian term). H·v is reverse-over-reverse, the gradient of
+    θ -> <∇L_s(θ), v>: it is exact under vmap through batch_norm, where forward-over-reverse is not.
+    learned_rates / with_rates: the learned tensors of `lr` and the function that rebuilds `lr` from them
+    (`_learned_rates`); their gradient comes out as the second element.
+    """
+    x, y = task["support"]
+    query_x, query_y = task["query"]
+    loss_fn = LOSSES[loss]
+    if learned_rates:
+        lr = with_rates(list(learned_rates))
+
+    def support_loss(p: Params) -> Tensor:
+        return loss_fn(functional_call(model, (p, buffers), (x,)), y)
+
+    def query_loss(p: Params) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        value, accuracy = _evaluate(p, buffers, query_x, query_y, model, loss)
+        return value, (value, {} if accuracy is None else {"accuracy": accuracy})
+
+    # Forward: the iterates and the support gradients, without any graph.
+    thetas, support_grads = [params], []
+    for step in range(steps):
+        g = grad(support_loss)(thetas[-1])
+        support_grads.append(g)
+        thetas.append({n: p - _lr_for(lr, step, n) * g[n] for n, p in thetas[-1].items()})
+
+    weights = [0.0] * (steps - 1) + [1.0] if step_weights is None else list(step_weights)
+    query_grad, (_, (last, accuracy)) = grad_and_value(query_loss, has_aux=True)(thetas[-1])
+    last = last.detach()
+    value = weights[-1] * last
+    a = {n: weights[-1] * g for n, g in query_grad.items()}
+    adjoints = []  # a at θ_{i+1}, paired with g_i, for the rates' gradient
+    for i in reversed(range(steps)):
+        adjoints.append((i, a))
+        if not first_order:
+            v = {n: _lr_for(lr, i, n) * a[n] for n in a}
+
+            def support_grad_dot_v(p: Params, v=v) -> Tensor:
+                g = grad(support_loss)(p)
+                return sum((g[n] * v[n]).sum() for n in g)
+
+            hv = grad(support_grad_dot_v)(thetas[i])
+            a = {n: a[n] - hv[n] for n in a}
+        if i >= 1 and weights[i - 1] != 0:
+            query_grad_i, (value_i, _) = grad_and_value(query_loss, has_aux=True)(thetas[i])
+            value_i = value_i.detach()
+            value = value + weights[i - 1] * value_i
+            a = {n: a[n] + weights[i - 1] * query_grad_i[n] for n in a}
+
+    rate_grads: list[Tensor] = []
+    if learned_rates:
+        # dJ/dα_i = -a_{i+1} ⊙ g_i, summed the way `lr` uses each rate (a scalar rate over its tensor, a
+        # shared rate over the steps): the gradient of this linear function of the rates.
+        def rate_objective(rates: list[Tensor]) -> Tensor:
+            rebuilt = with_rates(rates)
+            return -sum(
+                (_lr_for(rebuilt, i, n) * support_grads[i][n] * a_next[n]).sum()
+                for i, a_next in adjoints
+                for n in a_next
+            )
+
+        rate_grads = list(grad(rate_objective)(list(learned_rates)))
+
+    metrics = {"loss": last.detach()} | {k: v.detach() for k, v in accuracy.items()}
+    if metrics_before:
+        value_before, accuracy_before = _evaluate(params, buffers, query_x, query_y, model, loss)
+        metrics["loss_before"] = value_before.detach()
+        if accuracy_before is not None:
+            metrics["accuracy_before"] = accuracy_before
+    return (a, rate_grads), value.detach(), metrics
+
+
 # ------------------------------------------------------------------------------------------ strategies
 
 
@@ -299,6 +393,7 @@ def meta_loss(
     metrics_before: bool = True,
     step_weights: StepWeights = None,
     adapt_only: Collection[str] | None = None,
+    memory: Literal["store", "recompute"] = "store",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The MAML meta-objective over a meta-batch: the mean over tasks of the post-adaptation query loss.
 
@@ -310,6 +405,12 @@ def meta_loss(
     lr: see `InnerLR`; its tensors that require grad are learned inner rates (Meta-SGD, MAML++ LSLR).
     step_weights [steps]: the multi-step loss (MAML++ MSL, see `msl_weights`); None: the last step's only.
     adapt_only: the names of the params the inner loop adapts (ANIL); None: all of them.
+    memory: "store" keeps every inner step's graph for the meta-gradient (memory grows with the steps);
+            "recompute" keeps only the inner iterates and recomputes one step at a time on the way back
+            (`task_loss_and_grad_recompute`): the same exact meta-gradient, memory flat in the steps, for
+            about one more inner forward and backward per step. Not with `adapt_only` (yet).
+    Under "loop" (and each chunk of "chunked:N") one task's (chunk's) meta-gradient is finished before the
+    next starts, so memory grows with one task (chunk), not the meta-batch.
     Returns (loss, metrics): `loss` is a scalar; when grad is enabled and some param (or learned rate)
     requires grad, `loss.backward()` puts the exact (second-order unless `first_order`) meta-gradient in
     `.grad`. `metrics` holds per-task tensors [tasks]: loss, and for classification accuracy (after the
@@ -326,6 +427,7 @@ def meta_loss(
         strategy=strategy,
         step_weights=step_weights,
         adapt_only=adapt_only,
+        memory=memory,
     )
     strategy = resolve_strategy(strategy, model, tasks["support"][0].device)
     config = dict(
@@ -347,17 +449,39 @@ def meta_loss(
         )
         return metrics["loss"].mean(), metrics
 
-    if strategy == "loop":
-        # Without vmap the batch_norm bug cannot arise, and one autograd pass over the whole loop is
-        # faster on CPU than a torch.func.grad per task (one backward instead of `tasks` of them).
-        values, metrics = _over_tasks(
-            lambda p, b, t: task_loss(p, b, t, **config), params, buffers, tasks, "loop"
-        )
-        return values.mean(), metrics
+    inputs = [*(params[name] for name in names), *learned]
+    if strategy == "loop" and memory == "store":
+        # Without vmap the batch_norm bug cannot arise, so plain autograd differentiates each task, and
+        # frees its graph before the next task starts: memory of one task, not of the meta-batch.
+        num_tasks = tasks["support"][0].shape[0]
+        total, values, per_task_metrics = None, [], []
+        for i in range(num_tasks):
+            value, metrics = task_loss(params, buffers, _select(tasks, i), **config)
+            grads = torch.autograd.grad(value, inputs, allow_unused=True)
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+            total = grads if total is None else [t.add_(g) for t, g in zip(total, grads, strict=True)]
+            values.append(value.detach())
+            per_task_metrics.append(metrics)
+        metrics = torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *per_task_metrics)
+        mean_grads = tuple(t / num_tasks for t in total)
+        return _ExactMetaLoss.apply(torch.stack(values).mean(), mean_grads, *inputs), metrics
 
     # Detached inputs: the gradient reaches params (and rates) only through _ExactMetaLoss, never twice.
     detached = {name: p.detach() for name, p in params.items()}
-    if not learned:
+    if memory == "recompute":
+        recompute = dict(config, learned_rates=(), with_rates=with_rates)
+        recompute.pop("adapt_only")
+
+        def per_task(inputs: tuple[Params, list[Tensor]], b: Params, t: Tasks):
+            p, rates = inputs
+            return task_loss_and_grad_recompute(p, b, t, **(recompute | {"learned_rates": rates}))
+
+        detached_inputs = (detached, [rate.detach() for rate in learned])
+        (grads, rate_grads), values, metrics = _over_tasks(
+            per_task, detached_inputs, buffers, tasks, strategy
+        )
+        mean_grads = (*(grads[name].mean(0) for name in names), *(g.mean(0) for g in rate_grads))
+    elif not learned:
 
         def per_task(p: Params, b: Params, t: Tasks):
             return task_loss_and_grad(p, b, t, **config)
@@ -369,11 +493,12 @@ def meta_loss(
         def per_task(inputs: tuple[Params, list[Tensor]], b: Params, t: Tasks):
             return _task_loss_and_grads_with_rates(inputs, b, t, with_rates=with_rates, **config)
 
-        inputs = (detached, [rate.detach() for rate in learned])
-        (grads, rate_grads), values, metrics = _over_tasks(per_task, inputs, buffers, tasks, strategy)
+        detached_inputs = (detached, [rate.detach() for rate in learned])
+        (grads, rate_grads), values, metrics = _over_tasks(
+            per_task, detached_inputs, buffers, tasks, strategy
+        )
         mean_grads = (*(grads[name].mean(0) for name in names), *(g.mean(0) for g in rate_grads))
-    value = _ExactMetaLoss.apply(values.mean(), mean_grads, *(params[name] for name in names), *learned)
-    return value, metrics
+    return _ExactMetaLoss.apply(values.mean(), mean_grads, *inputs), metrics
 
 
 # ------------------------------------------------------------------------------------- MAML++ schedules
@@ -433,11 +558,32 @@ def check_adapt_only(adapt_only, names: Collection[str], name: str = "adapt_only
         raise ValueError(f"{name}: no parameters named {unknown}; the parameters are {list(names)}")
 
 
+def check_memory(memory, adapt_only=None, name: str = "memory") -> None:
+    if memory not in MEMORY:
+        raise ValueError(f"{name}={memory!r} is unknown: use one of {', '.join(MEMORY)}")
+    if memory == "recompute" and adapt_only is not None:
+        raise ValueError(
+            f"{name}=recompute does not support adapt_only (ANIL) yet: use {name}=store with adapt_only, "
+            "or drop adapt_only"
+        )
+
+
 def check_arguments(
-    params: Params, tasks: Tasks, *, model, loss, steps, lr, strategy, step_weights=None, adapt_only=None
+    params: Params,
+    tasks: Tasks,
+    *,
+    model,
+    loss,
+    steps,
+    lr,
+    strategy,
+    step_weights=None,
+    adapt_only=None,
+    memory="store",
 ) -> None:
     """Raise a ValueError that names the argument, its value and the fix, before any work starts."""
     check_steps(steps)
+    check_memory(memory, adapt_only)
     check_adapt_only(adapt_only, params)
     adapted = set(params) if adapt_only is None else set(adapt_only)
     per_step = isinstance(lr, Sequence) and not isinstance(lr, str)

@@ -17,7 +17,16 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from fmaml.maml import InnerLR, LossName, check_lr, check_steps, check_strategy, meta_loss, msl_weights
+from fmaml.maml import (
+    InnerLR,
+    LossName,
+    check_lr,
+    check_memory,
+    check_steps,
+    check_strategy,
+    meta_loss,
+    msl_weights,
+)
 from fmaml.schedules import CosineAnnealingToMaxSteps, check_max_steps_for_schedule
 
 
@@ -50,6 +59,9 @@ class MAML(L.LightningModule):
         0 .. N-1, second order from meta-step N (needs first_order: false).
     adapt_only: ANIL, adapt only the parameters under these name prefixes (e.g. ["head"]); the others are
         meta-learned but left as they are by the inner loop, whose gradient skips them.
+    memory: "store" keeps every inner step's graph for the meta-gradient; "recompute" keeps only the
+        inner iterates and recomputes one step at a time (memory flat in the inner steps, the same exact
+        meta-gradient; see `fmaml.maml.meta_loss`).
     per_task_csv: `test` also writes every test task's metrics to this CSV (one row per task, in task
         order), to compare two models task by task.
 
@@ -84,6 +96,7 @@ class MAML(L.LightningModule):
         second_order_from_step: int | None = None,
         adapt_only: list[str] | None = None,
         per_task_csv: str | None = None,
+        memory: Literal["store", "recompute"] = "store",
     ):
         super().__init__()
         # Fail at start-up, not after data preparation, on settings the engine would reject at step 0.
@@ -94,6 +107,7 @@ class MAML(L.LightningModule):
         if eval_inner_lr is not None:
             check_lr(eval_inner_lr, "model.eval_inner_lr")
         check_strategy(strategy, "model.strategy")
+        check_memory(memory, adapt_only, "model.memory")
         _check_options(learn_inner_lr, eval_inner_lr, msl_anneal_steps, second_order_from_step, first_order)
         self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
@@ -104,7 +118,7 @@ class MAML(L.LightningModule):
         self.adapt_only = _adapted_names(self.network, adapt_only)
         self.train_inner = dict(
             steps=inner_steps, lr=inner_lr, first_order=first_order, adapt_only=self.adapt_only
-        )
+        ) | ({"memory": memory} if memory != "store" else {})
         self.eval_inner = dict(
             steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
             lr=inner_lr if eval_inner_lr is None else eval_inner_lr,

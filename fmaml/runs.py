@@ -25,6 +25,7 @@ EXECUTION_ONLY = (
     "model.eval_inner_steps",
     "model.eval_inner_lr",
     "model.strategy",
+    "model.memory",
     "model.compile",
     "model.per_task_csv",
     "data.num_workers",

@@ -66,7 +66,7 @@ def higher_meta_gradient(model, tasks, loss, steps, lr, first_order):
     return dict(zip((n for n, _ in model.named_parameters()), total, strict=True))
 
 
-def fmaml_meta_gradient(model, tasks, loss, steps, lr, first_order, strategy):
+def fmaml_meta_gradient(model, tasks, loss, steps, lr, first_order, strategy, **options):
     params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
     value, metrics = meta_loss(
         params,
@@ -78,6 +78,7 @@ def fmaml_meta_gradient(model, tasks, loss, steps, lr, first_order, strategy):
         lr=lr,
         first_order=first_order,
         strategy=strategy,
+        **options,
     )
     value.backward()
     return {n: p.grad for n, p in params.items()}, value, metrics
