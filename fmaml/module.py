@@ -59,9 +59,14 @@ class MAML(L.LightningModule):
         0 .. N-1, second order from meta-step N (needs first_order: false).
     adapt_only: ANIL, adapt only the parameters under these name prefixes (e.g. ["head"]); the others are
         meta-learned but left as they are by the inner loop, whose gradient skips them.
+    strategy="auto" measures: on the first training meta-batch, `fmaml.auto_strategy.choose` times the
+        strategies (with each memory mode, unless `memory` fixes one) on the real shapes and device, and
+        keeps the fastest whose predicted peak fits `auto_memory_share` of the free memory. The choice is
+        logged, cached per device, model and shapes, and saved in checkpoints: a resumed run keeps it.
+        Evaluation, which computes no meta-gradient, uses it too.
     memory: "store" keeps every inner step's graph for the meta-gradient; "recompute" keeps only the
         inner iterates and recomputes one step at a time (memory flat in the inner steps, the same exact
-        meta-gradient; see `fmaml.maml.meta_loss`).
+        meta-gradient; see `fmaml.maml.meta_loss`); "auto": chosen with strategy="auto", else "store".
     per_task_csv: `test` also writes every test task's metrics to this CSV (one row per task, in task
         order), to compare two models task by task.
 
@@ -96,7 +101,8 @@ class MAML(L.LightningModule):
         second_order_from_step: int | None = None,
         adapt_only: list[str] | None = None,
         per_task_csv: str | None = None,
-        memory: Literal["store", "recompute"] = "store",
+        memory: Literal["auto", "store", "recompute"] = "auto",
+        auto_memory_share: float = 0.5,
     ):
         super().__init__()
         # Fail at start-up, not after data preparation, on settings the engine would reject at step 0.
@@ -107,7 +113,13 @@ class MAML(L.LightningModule):
         if eval_inner_lr is not None:
             check_lr(eval_inner_lr, "model.eval_inner_lr")
         check_strategy(strategy, "model.strategy")
-        check_memory(memory, adapt_only, "model.memory")
+        if memory != "auto":
+            check_memory(memory, adapt_only, "model.memory")
+        if not isinstance(auto_memory_share, int | float) or not 0 < auto_memory_share <= 1:
+            raise ValueError(
+                f"model.auto_memory_share={auto_memory_share!r}: the share of free memory strategy=auto may "
+                "use must be in (0, 1], e.g. 0.5"
+            )
         _check_options(learn_inner_lr, eval_inner_lr, msl_anneal_steps, second_order_from_step, first_order)
         self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
@@ -118,7 +130,10 @@ class MAML(L.LightningModule):
         self.adapt_only = _adapted_names(self.network, adapt_only)
         self.train_inner = dict(
             steps=inner_steps, lr=inner_lr, first_order=first_order, adapt_only=self.adapt_only
-        ) | ({"memory": memory} if memory != "store" else {})
+        )
+        self.memory, self.auto_memory_share = memory, auto_memory_share
+        # strategy="auto": {"strategy": ..., "memory": ...} measured on the first meta-batch (or restored).
+        self.auto_choice: dict[str, str] | None = None
         self.eval_inner = dict(
             steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
             lr=inner_lr if eval_inner_lr is None else eval_inner_lr,
@@ -158,6 +173,8 @@ class MAML(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.checkpoint_step = checkpoint.get("global_step")
+        if self.strategy == "auto" and "fmaml_auto_choice" in checkpoint:
+            self.auto_choice = checkpoint["fmaml_auto_choice"]  # a resume continues as it ran
         # Lightning's own error lists every mismatched tensor; say first what went wrong and what to do.
         mine = {name: tuple(t.shape) for name, t in self.state_dict().items()}
         theirs = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
@@ -180,9 +197,43 @@ class MAML(L.LightningModule):
 
     def _meta_loss(self, tasks, params, **inner) -> tuple[Tensor, dict[str, Tensor]]:
         buffers = dict(self.network.named_buffers())
+        execution = self._execution()
         return self.meta_loss(
-            params, buffers, tasks, model=self.network, loss=self.loss, strategy=self.strategy, **inner
+            params, buffers, tasks, model=self.network, loss=self.loss, **execution, **inner
         )
+
+    def _execution(self) -> dict[str, str]:
+        """The concrete strategy and memory mode (the measured choice, for strategy="auto")."""
+        if self.auto_choice is not None:
+            return dict(self.auto_choice)
+        memory = "store" if self.memory == "auto" else self.memory
+        return {"strategy": self.strategy} | ({"memory": memory} if memory != "store" else {})
+
+    def _choose_strategy(self, tasks) -> None:
+        """strategy="auto": measure on this meta-batch, once; under DDP rank 0's choice for all."""
+        from fmaml import auto_strategy  # the measuring stays out of the engine and the hot path
+
+        memories = ("store", "recompute") if self.memory == "auto" else (self.memory,)
+        if self.adapt_only is not None:
+            memories = ("store",)  # recompute does not support ANIL
+        choice = auto_strategy.choose(
+            dict(self.network.named_parameters()),
+            dict(self.network.named_buffers()),
+            tasks,
+            model=self.network,
+            loss=self.loss,
+            memories=memories,
+            memory_share=self.auto_memory_share,
+            **self._train_inner(),
+        )
+        print(choice.summary())
+        chosen = {"strategy": choice.strategy, "memory": choice.memory}
+        self.auto_choice = self.trainer.strategy.broadcast(chosen) if self._trainer is not None else chosen
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_not_finite()
+        if self.auto_choice is not None:
+            checkpoint["fmaml_auto_choice"] = self.auto_choice
 
     def _log_metrics(self, stage: str, metrics: dict[str, Tensor], **kwargs) -> None:
         batch_size = next(iter(metrics.values())).shape[0]
@@ -224,6 +275,8 @@ class MAML(L.LightningModule):
         # logged on those steps only, and the "before adaptation" metrics, one more query forward per task
         # (about a sixth of a ConvNet meta-step), are only computed then. The progress bar updates then too.
         logs = self._logs_this_step()
+        if self.strategy == "auto" and self.auto_choice is None:
+            self._choose_strategy(tasks)
         value, metrics = self._meta_loss(
             tasks, dict(self.network.named_parameters()), metrics_before=logs, **self._train_inner()
         )
@@ -286,9 +339,6 @@ class MAML(L.LightningModule):
             "stopped. No update was applied from that step on, and no checkpoint holds that state. "
             + self._nonfinite_hint()
         )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self.raise_if_not_finite()
 
     def on_train_start(self) -> None:
         # After a resume has restored the scheduler's state, which carries the old run's length.

@@ -26,6 +26,7 @@ EXECUTION_ONLY = (
     "model.eval_inner_lr",
     "model.strategy",
     "model.memory",
+    "model.auto_memory_share",
     "model.compile",
     "model.per_task_csv",
     "data.num_workers",
