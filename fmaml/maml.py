@@ -268,49 +268,45 @@ def task_loss_and_grad_recompute(
         value, accuracy = _evaluate(p, buffers, query_x, query_y, model, loss)
         return value, (value, {} if accuracy is None else {"accuracy": accuracy})
 
-    # Forward: the iterates and the support gradients, without any graph.
-    thetas, support_grads = [params], []
+    # Forward: only the iterates, without any graph (the support gradients are recomputed on the way back).
+    thetas = [params]
     for step in range(steps):
         g = grad(support_loss)(thetas[-1])
-        support_grads.append(g)
         thetas.append({n: p - _lr_for(lr, step, n) * g[n] for n, p in thetas[-1].items()})
+    del g
+
+    def rates_term(rates: list[Tensor], i: int, g: Params, a_next: Params) -> Tensor:
+        # dJ/dα_i = -a_{i+1} ⊙ g_i, summed the way `lr` uses each rate (a scalar rate over its tensor, a
+        # shared rate over the steps): the gradient of this linear function of the rates.
+        rebuilt = with_rates(rates)
+        return -sum((_lr_for(rebuilt, i, n) * g[n] * a_next[n]).sum() for n in a_next)
+
+    def support_grad_dot(p: Params, v: Params) -> tuple[Tensor, Params]:
+        g = grad(support_loss)(p)
+        return sum((g[n] * v[n]).sum() for n in g), {n: t.detach() for n, t in g.items()}
 
     weights = [0.0] * (steps - 1) + [1.0] if step_weights is None else list(step_weights)
     query_grad, (_, (last, accuracy)) = grad_and_value(query_loss, has_aux=True)(thetas[-1])
     last = last.detach()
     value = weights[-1] * last
     a = {n: weights[-1] * g for n, g in query_grad.items()}
-    adjoints = []  # a at θ_{i+1}, paired with g_i, for the rates' gradient
+    rate_grads = [torch.zeros_like(rate) for rate in learned_rates]
     for i in reversed(range(steps)):
-        adjoints.append((i, a))
+        g = None
         if not first_order:
             v = {n: _lr_for(lr, i, n) * a[n] for n in a}
-
-            def support_grad_dot_v(p: Params, v=v) -> Tensor:
-                g = grad(support_loss)(p)
-                return sum((g[n] * v[n]).sum() for n in g)
-
-            hv = grad(support_grad_dot_v)(thetas[i])
+            hv, g = grad(support_grad_dot, has_aux=True)(thetas[i], v)  # H_s(θ_i) v, and g_i on the way
+        if learned_rates:
+            g = grad(support_loss)(thetas[i]) if g is None else g
+            step_rate_grads = grad(rates_term)(list(learned_rates), i, g, a)
+            rate_grads = [total + r for total, r in zip(rate_grads, step_rate_grads, strict=True)]
+        if not first_order:
             a = {n: a[n] - hv[n] for n in a}
         if i >= 1 and weights[i - 1] != 0:
             query_grad_i, (value_i, _) = grad_and_value(query_loss, has_aux=True)(thetas[i])
-            value_i = value_i.detach()
-            value = value + weights[i - 1] * value_i
+            value = value + weights[i - 1] * value_i.detach()
             a = {n: a[n] + weights[i - 1] * query_grad_i[n] for n in a}
-
-    rate_grads: list[Tensor] = []
-    if learned_rates:
-        # dJ/dα_i = -a_{i+1} ⊙ g_i, summed the way `lr` uses each rate (a scalar rate over its tensor, a
-        # shared rate over the steps): the gradient of this linear function of the rates.
-        def rate_objective(rates: list[Tensor]) -> Tensor:
-            rebuilt = with_rates(rates)
-            return -sum(
-                (_lr_for(rebuilt, i, n) * support_grads[i][n] * a_next[n]).sum()
-                for i, a_next in adjoints
-                for n in a_next
-            )
-
-        rate_grads = list(grad(rate_objective)(list(learned_rates)))
+        thetas.pop()  # θ_{i+1} is no longer needed
 
     metrics = {"loss": last.detach()} | {k: v.detach() for k, v in accuracy.items()}
     if metrics_before:
@@ -450,15 +446,29 @@ def meta_loss(
         return metrics["loss"].mean(), metrics
 
     inputs = [*(params[name] for name in names), *learned]
-    if strategy == "loop" and memory == "store":
-        # Without vmap the batch_norm bug cannot arise, so plain autograd differentiates each task, and
-        # frees its graph before the next task starts: memory of one task, not of the meta-batch.
+    # Detached inputs: the gradient reaches params (and rates) only through _ExactMetaLoss, never twice.
+    detached = {name: p.detach() for name, p in params.items()}
+    detached_inputs = (detached, [rate.detach() for rate in learned])
+    recompute = {k: v for k, v in config.items() if k != "adapt_only"} | {"with_rates": with_rates}
+
+    def recomputed(inputs: tuple[Params, list[Tensor]], b: Params, t: Tasks):
+        p, rates = inputs
+        return task_loss_and_grad_recompute(p, b, t, learned_rates=rates, **recompute)
+
+    if strategy == "loop":
+        # Without vmap the batch_norm bug cannot arise, so plain autograd can differentiate each task. Each
+        # task's meta-gradient is finished (and its graph freed) before the next starts, and summed at
+        # once: memory of one task, not of the meta-batch.
         num_tasks = tasks["support"][0].shape[0]
         total, values, per_task_metrics = None, [], []
         for i in range(num_tasks):
-            value, metrics = task_loss(params, buffers, _select(tasks, i), **config)
-            grads = torch.autograd.grad(value, inputs, allow_unused=True)
-            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+            if memory == "store":
+                value, metrics = task_loss(params, buffers, _select(tasks, i), **config)
+                grads = torch.autograd.grad(value, inputs, allow_unused=True)
+                grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+            else:
+                (g, rate_g), value, metrics = recomputed(detached_inputs, buffers, _select(tasks, i))
+                grads = [*(g[name] for name in names), *rate_g]
             total = grads if total is None else [t.add_(g) for t, g in zip(total, grads, strict=True)]
             values.append(value.detach())
             per_task_metrics.append(metrics)
@@ -466,19 +476,9 @@ def meta_loss(
         mean_grads = tuple(t / num_tasks for t in total)
         return _ExactMetaLoss.apply(torch.stack(values).mean(), mean_grads, *inputs), metrics
 
-    # Detached inputs: the gradient reaches params (and rates) only through _ExactMetaLoss, never twice.
-    detached = {name: p.detach() for name, p in params.items()}
     if memory == "recompute":
-        recompute = dict(config, learned_rates=(), with_rates=with_rates)
-        recompute.pop("adapt_only")
-
-        def per_task(inputs: tuple[Params, list[Tensor]], b: Params, t: Tasks):
-            p, rates = inputs
-            return task_loss_and_grad_recompute(p, b, t, **(recompute | {"learned_rates": rates}))
-
-        detached_inputs = (detached, [rate.detach() for rate in learned])
         (grads, rate_grads), values, metrics = _over_tasks(
-            per_task, detached_inputs, buffers, tasks, strategy
+            recomputed, detached_inputs, buffers, tasks, strategy
         )
         mean_grads = (*(grads[name].mean(0) for name in names), *(g.mean(0) for g in rate_grads))
     elif not learned:
@@ -493,7 +493,6 @@ def meta_loss(
         def per_task(inputs: tuple[Params, list[Tensor]], b: Params, t: Tasks):
             return _task_loss_and_grads_with_rates(inputs, b, t, with_rates=with_rates, **config)
 
-        detached_inputs = (detached, [rate.detach() for rate in learned])
         (grads, rate_grads), values, metrics = _over_tasks(
             per_task, detached_inputs, buffers, tasks, strategy
         )
