@@ -336,6 +336,12 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the records (a JSON list) here")
     parser.add_argument("--plot", type=Path, help="write the two-panel figure (PNG) here")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="measure nothing: table and plot these runs' records together",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a worker: run this one case (JSON job)
     args = parser.parse_args(argv)
     if args.one is None:
@@ -352,9 +358,15 @@ def main(argv=None) -> list[dict]:
     if args.one is not None:
         print("RESULT " + json.dumps(measure(json.loads(args.one))), flush=True)
         return []
+    title = f"{args.workload}: {WORKLOADS[args.workload].description}, {args.device}"
+    if args.from_json:
+        records = [r for path in args.from_json for r in json.loads(path.read_text())]
+        print(markdown_table(records))
+        if args.plot:
+            plot(records, args.plot, title)
+        return records
     if args.budget_mb is None:
         args.budget_mb = default_budget_mb(args.device)
-    title = f"{args.workload}: {WORKLOADS[args.workload].description}, {args.device}"
     print(f"torch {torch.__version__}, {title}, budget {args.budget_mb:.0f} MB", flush=True)
     records, done = [], {}
     for name, values in [("inner_steps", args.steps_sweep), ("meta_batch", args.batch_sweep)]:

@@ -11,9 +11,13 @@
 #      chunked:8+compile, against higher in the same invocation. loop+compile is left out: dynamo unrolls
 #      the task loop (meta-batch x inner steps copies of the graph) and its compile time grows with it.
 #   3. the plot.
+#   4. memory: benchmarks/memory.py (peak growth and time per step, each case in a fresh process; higher is
+#      skipped where it is not installed) and benchmarks/auto_vs_fixed.py (the measured strategy="auto"
+#      against every fixed strategy). Both run with a plain `python` when uv is not there (PY=python).
 # Environment: REPEATS (timed steps, default 5), WARMUP (default 2), ENGINE_TIMEOUT (default 150).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${PY:-"uv run python"}
 OUT=benchmarks/results/gpu.json
 REPEATS=${REPEATS:-5}
 WARMUP=${WARMUP:-2}
@@ -35,3 +39,7 @@ bench --append --isolate yes --engine-timeout "$ENGINE_TIMEOUT" --workload sinus
 # 3. plot (matplotlib is not an fmaml dependency; without it this step says so and the suite still succeeds)
 uv run python benchmarks/plot.py "$OUT" --out benchmarks/results/gpu.png \
     || echo "no plot: matplotlib is not installed (uv run --with matplotlib python benchmarks/plot.py $OUT --out ...)"
+# 4. memory and the measured auto (plain python works: PY=python bash benchmarks/run_gpu.sh)
+$PY benchmarks/memory.py --device cuda --steps-sweep 1,5,10,20 --meta-batch 8 --batch-sweep 1,2,4,8,16,32,64 \
+    --steps 1 --json benchmarks/results/memory_gpu.json --plot benchmarks/results/memory_gpu.png
+$PY benchmarks/auto_vs_fixed.py --device cuda --rounds 7 --json benchmarks/results/auto_vs_fixed_gpu.json

@@ -65,6 +65,12 @@ class Checkpoint(callbacks.ModelCheckpoint):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_sigint()
+        if isinstance(exception, KeyboardInterrupt) and getattr(self, "stopped_by_sigint", False):
+            rank_zero_warn(
+                "aborted by a second Ctrl-C: no checkpoint written (the interrupted meta-step may have "
+                f"half-updated the weights); the last one is {self.last_model_path or 'none'}"
+            )
+            return
         if not getattr(pl_module, "state_is_finite", lambda: True)():
             rank_zero_warn(
                 "no checkpoint written on this exception: the weights or optimizer state are not finite; "

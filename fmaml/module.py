@@ -166,9 +166,10 @@ class MAML(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.per_task_csv = per_task_csv
         self._test_metrics: list[dict[str, Tensor]] = []
-        self._first_nonfinite_step: Tensor | None = (
-            None  # -1 while every meta-loss was finite (deferred check)
-        )
+        # The deferred finite check's state, on the device: the meta-step counter and the first non-finite
+        # step (-1 while every meta-loss was finite). Counted there, not copied from the host every step.
+        self._device_step: Tensor | None = None
+        self._first_nonfinite_step: Tensor | None = None
         self.checkpoint_step: int | None = None  # the global step of the checkpoint loaded, if any
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -226,7 +227,8 @@ class MAML(L.LightningModule):
             memory_share=self.auto_memory_share,
             **self._train_inner(),
         )
-        print(choice.summary())
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(choice.summary())
         chosen = {"strategy": choice.strategy, "memory": choice.memory}
         self.auto_choice = self.trainer.strategy.broadcast(chosen) if self._trainer is not None else chosen
 
@@ -310,9 +312,10 @@ class MAML(L.LightningModule):
     def _guarded_update(self, optimizer, value: Tensor) -> None:
         """backward and optimizer.step(), kept on the device only while every meta-loss so far was finite:
         from the first non-finite one on, each weight and optimizer-state tensor is put back as it was."""
-        step = torch.tensor(self.global_step, device=value.device)
-        if self._first_nonfinite_step is None:
-            self._first_nonfinite_step = torch.full_like(step, -1)
+        if self._device_step is None:  # once per fit (or resume): the only host-to-device copy
+            self._device_step = torch.tensor(self.global_step, device=value.device)
+            self._first_nonfinite_step = torch.full_like(self._device_step, -1)
+        step = self._device_step
         healthy = self._first_nonfinite_step < 0
         finite = torch.isfinite(value.detach())
         keep = healthy & finite
@@ -325,6 +328,7 @@ class MAML(L.LightningModule):
                 # State the first step creates (Adam's moments) goes back to "absent", i.e. zeros.
                 old = before.get(id(t))
                 t.copy_(torch.where(keep, t, torch.zeros_like(t) if old is None else old))
+        self._device_step = step + 1
 
     def state_is_finite(self) -> bool:
         """False once a deferred check has seen a non-finite meta-loss (a host sync; not per step)."""
