@@ -72,9 +72,9 @@ class Choice:
         )
 
 
-def candidates(num_tasks: int, memories: tuple[str, ...]) -> list[tuple[str, str]]:
+def candidates(num_tasks: int, memories: tuple[str, ...], loop_only: bool = False) -> list[tuple[str, str]]:
     strategies = ["loop", "vmap", *(f"chunked:{n}" for n in CHUNK_SIZES if 1 < n < num_tasks)]
-    return [(s, m) for m in memories for s in strategies]
+    return [(s, m) for m in memories for s in strategies if s == "loop" or not loop_only]
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -196,19 +196,21 @@ def choose(
     memories: tuple[str, ...] = ("store", "recompute"),
     memory_share: float = 0.5,
     cache: bool = True,
+    loop_only: bool = False,
     **config,
 ) -> Choice:
     """Measure the candidates on this meta-batch (see the module docstring) and return the fastest that
-    fits `memory_share` of the device's free memory. `config`: meta_loss's inner-loop arguments."""
+    fits `memory_share` of the device's free memory. `config`: meta_loss's inner-loop arguments.
+    `loop_only`: under mixed precision, where vmap over the inner gradient fails (fmaml.cli)."""
     device = tasks["support"][0].device
-    key = _cache_key(params, tasks, model, memories, config, device)
+    key = _cache_key(params, tasks, model, memories, config | {"loop_only": loop_only}, device)
     if cache and (cached := _read_cache(key)) is not None:
         return cached
     start = time.perf_counter()
     budget = int(memory_share * free_memory_bytes(device))
     config = dict(config, model=model)
     rows, best = [], float("inf")
-    for strategy, memory in candidates(tasks["support"][0].shape[0], memories):
+    for strategy, memory in candidates(tasks["support"][0].shape[0], memories, loop_only):
         row = {"strategy": strategy, "memory": memory, "seconds": None, "skipped": ""}
         row["predicted_bytes"], estimate = probe(params, buffers, tasks, strategy, memory, config, device)
         if row["predicted_bytes"] > budget:

@@ -368,11 +368,13 @@ class _ExactMetaLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss: Tensor, grads: tuple[Tensor, ...], *inputs: Tensor) -> Tensor:
         ctx.save_for_backward(*grads)
+        ctx.dtypes = [x.dtype for x in inputs]  # under autocast the per-task gradients may be bf16/fp16
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        return (None, None, *(grad_output * g for g in ctx.saved_tensors))
+        grads = (grad_output * g for g in ctx.saved_tensors)
+        return (None, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)))
 
 
 def meta_loss(

@@ -225,6 +225,7 @@ class MAML(L.LightningModule):
             loss=self.loss,
             memories=memories,
             memory_share=self.auto_memory_share,
+            loop_only="mixed" in str(self.trainer.precision) if self._trainer is not None else False,
             **self._train_inner(),
         )
         if self._trainer is None or self.trainer.is_global_zero:
