@@ -94,7 +94,7 @@ class SaveRunConfig(SaveConfigCallback):
             return super().setup(trainer, pl_module, stage)
         # A resume logs into its run's folder: keep that run's config.yaml, add this command's beside it.
         if trainer.is_global_zero:
-            stem, suffix = os.path.splitext("config.yaml")
+            stem, suffix = os.path.splitext(self.config_filename)
             name, number = self.config_filename, 0
             while os.path.exists(os.path.join(log_dir, name)):
                 number += 1

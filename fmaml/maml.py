@@ -13,6 +13,7 @@ The layers, from the inside out:
     adapt_steps(params, buffers, support)     -> params after each step  the same, step by step
     task_loss(params, buffers, task)          -> (query loss, metrics)   adapt + evaluate, one task
     task_loss_and_grad(params, buffers, task) -> (grads, loss, metrics)  d task_loss / d params, one task
+    task_loss_and_grad_recompute(...)         -> the same, in memory flat in the inner steps (recompute)
     meta_loss(params, buffers, tasks)         -> (mean loss, metrics)    every task, by a strategy
 
 Why the meta-gradient is taken per task, inside the strategy: autograd over `vmap(grad(f))` through
@@ -331,7 +332,11 @@ def _over_tasks(fn: Callable, params: Params | tuple, buffers: Params, tasks: Ta
             params, buffers, tasks
         )
     num_tasks = tasks["support"][0].shape[0]
-    per_task = [fn(params, buffers, _select(tasks, i)) for i in range(num_tasks)]
+    return _stacked([fn(params, buffers, _select(tasks, i)) for i in range(num_tasks)])
+
+
+def _stacked(per_task: list):
+    """Per-task outputs (same structure) -> one structure of tensors stacked along a new task dim."""
     return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *per_task)
 
 
@@ -474,7 +479,7 @@ def meta_loss(
             total = grads if total is None else [t.add_(g) for t, g in zip(total, grads, strict=True)]
             values.append(value.detach())
             per_task_metrics.append(metrics)
-        metrics = torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *per_task_metrics)
+        metrics = _stacked(per_task_metrics)
         mean_grads = tuple(t / num_tasks for t in total)
         return _ExactMetaLoss.apply(torch.stack(values).mean(), mean_grads, *inputs), metrics
 

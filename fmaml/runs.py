@@ -12,6 +12,7 @@ settings are compared with it, key by key, so that nothing is silently replaced:
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 
@@ -131,7 +132,13 @@ def check_fresh_checkpoint_folder(dirpath: str | None) -> None:
 
 
 def _stored_run(ckpt_path: str) -> dict | None:
-    return torch.load(ckpt_path, map_location="cpu", weights_only=False).get(RUN_KEY)
+    # Start-up asks twice (the version to log into, then the settings): read the file once.
+    return _load_run(os.path.abspath(ckpt_path), os.path.getmtime(ckpt_path))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_run(path: str, mtime: float) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False).get(RUN_KEY)
 
 
 def _logged_version(ckpt_path: str, save_dir: str | None, name: str | None) -> str | None:
