@@ -265,16 +265,36 @@ def task_loss_and_grad_recompute(
     def support_loss(p: Params) -> Tensor:
         return loss_fn(functional_call(model, (p, buffers), (x,)), y)
 
-    def query_loss(p: Params) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
-        value, accuracy = _evaluate(p, buffers, query_x, query_y, model, loss)
-        return value, (value, {} if accuracy is None else {"accuracy": accuracy})
+    def query_loss(p: Params) -> Tensor:
+        return _evaluate(p, buffers, query_x, query_y, model, loss)[0]
 
-    # Forward: only the iterates, without any graph (the support gradients are recomputed on the way back).
+    # The last inner step is never recomputed: its graph is needed as soon as it is built, so it runs as
+    # `task_loss` does (stored, one step's memory) and the recursion starts from its gradient. This saves
+    # one support forward and backward per meta-step and leaves memory flat in the steps.
+    start = steps - 1
+    weights = [0.0] * (steps - 1) + [1.0] if step_weights is None else list(step_weights)
+
+    # Forward: only the iterates up to θ_start, without any graph (support gradients are recomputed later).
     thetas = [params]
-    for step in range(steps):
+    for step in range(start):
         g = grad(support_loss)(thetas[-1])
         thetas.append({n: p - _lr_for(lr, step, n) * g[n] for n, p in thetas[-1].items()})
-    del g
+
+    def last_step_loss(p: Params, rates: list[Tensor]) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        step_lr = with_rates(rates) if learned_rates else lr
+        if isinstance(step_lr, Sequence) and not isinstance(step_lr, str):
+            step_lr = step_lr[start:]  # a rate per step: the last one
+        value, metrics = task_loss(
+            p, buffers, task, model=model, loss=loss, steps=1, lr=step_lr, first_order=first_order,
+            metrics_before=False, step_weights=None if step_weights is None else weights[start:],
+        )  # fmt: skip
+        return value, (value, metrics)
+
+    (a, rate_grads), (_, (value, last_metrics)) = grad_and_value(
+        last_step_loss, argnums=(0, 1), has_aux=True
+    )(thetas[start], list(learned_rates))
+    value = value.detach()
+    rate_grads = list(rate_grads)
 
     def rates_term(rates: list[Tensor], i: int, g: Params, a_next: Params) -> Tensor:
         # dJ/dα_i = -a_{i+1} ⊙ g_i, summed the way `lr` uses each rate (a scalar rate over its tensor, a
@@ -286,13 +306,14 @@ def task_loss_and_grad_recompute(
         g = grad(support_loss)(p)
         return sum((g[n] * v[n]).sum() for n in g), {n: t.detach() for n, t in g.items()}
 
-    weights = [0.0] * (steps - 1) + [1.0] if step_weights is None else list(step_weights)
-    query_grad, (_, (last, accuracy)) = grad_and_value(query_loss, has_aux=True)(thetas[-1])
-    last = last.detach()
-    value = weights[-1] * last
-    a = {n: weights[-1] * g for n, g in query_grad.items()}
-    rate_grads = [torch.zeros_like(rate) for rate in learned_rates]
-    for i in reversed(range(steps)):
+    for i in reversed(range(start)):
+        # Here a = dJ/dθ_{i+1} from the later terms: add θ_{i+1}'s own query term, then step back to θ_i.
+        theta_next = thetas.pop()  # no longer needed after this
+        if weights[i] != 0:
+            query_grad, value_i = grad_and_value(query_loss)(theta_next)
+            value = value + weights[i] * value_i.detach()
+            a = {n: a[n] + weights[i] * query_grad[n] for n in a}
+        del theta_next
         g = None
         if not first_order:
             v = {n: _lr_for(lr, i, n) * a[n] for n in a}
@@ -303,13 +324,8 @@ def task_loss_and_grad_recompute(
             rate_grads = [total + r for total, r in zip(rate_grads, step_rate_grads, strict=True)]
         if not first_order:
             a = {n: a[n] - hv[n] for n in a}
-        if i >= 1 and weights[i - 1] != 0:
-            query_grad_i, (value_i, _) = grad_and_value(query_loss, has_aux=True)(thetas[i])
-            value = value + weights[i - 1] * value_i.detach()
-            a = {n: a[n] + weights[i - 1] * query_grad_i[n] for n in a}
-        thetas.pop()  # θ_{i+1} is no longer needed
 
-    metrics = {"loss": last.detach()} | {k: v.detach() for k, v in accuracy.items()}
+    metrics = {k: v.detach() for k, v in last_metrics.items()}
     if metrics_before:
         value_before, accuracy_before = _evaluate(params, buffers, query_x, query_y, model, loss)
         metrics["loss_before"] = value_before.detach()
