@@ -2,8 +2,10 @@
 
 Defaults that differ from Lightning's, and why:
 - inference_mode=False: evaluation adapts with inner gradients, which inference tensors forbid;
-- a TensorBoard logger under ./logs, and `last.ckpt` every 500 steps and at the final step, whatever
-  stopped the run (max_steps, max_time, early stopping, Ctrl-C, SIGTERM, an exception): fmaml.callbacks;
+- a TensorBoard logger under ./logs, and `last.ckpt` every 500 steps, every 10 minutes and at the final
+  step, whatever stopped the run (max_steps, max_time, a training-time budget, early stopping, Ctrl-C,
+  SIGTERM, an exception), each written whole or not at all (a kill -9 mid-write leaves the previous one):
+  fmaml.callbacks;
 - use_distributed_sampler=False: under DDP the DataModule gives each process its own share of the tasks
   (Lightning's sampler would shuffle the endless training stream and pad the fixed evaluation tasks);
 - the data decides the model's number of outputs (the ways) and its loss, through argument links, and the
@@ -26,7 +28,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from fmaml import runs
-from fmaml.callbacks import Checkpoint, LearningRateMonitor, SaveRunConfig, config_dict
+from fmaml.callbacks import Checkpoint, LearningRateMonitor, SaveRunConfig, TrainingTime, config_dict
 from fmaml.data import MetaDataModule
 from fmaml.module import MAML
 from fmaml.schedules import check_max_steps_for_schedule
@@ -61,6 +63,7 @@ class MAMLCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(TrainingTime, "training_time")
 
     def _parse_ckpt_path(self) -> None:
         """Off: the command's settings run, checked against the checkpoint's in before_instantiate_classes."""
@@ -70,6 +73,7 @@ class MAMLCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is None:
             return
+        _put_logs_under_root_dir(config)
         if self.subcommand == "fit":
             _check_lr_schedule(config)
         _check_precision(config)
@@ -105,8 +109,7 @@ class MAMLCLI(LightningCLI):
         # Lightning looks for "last" only in the *new* run's version folder, which is always empty; take the
         # newest run of this logger name (or --checkpoint.dirpath), and let a fit keep logging into its
         # version folder so its curves continue.
-        logger = config.trainer.logger
-        init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        init_args = _main_logger_args(config)
         save_dir = init_args.get("save_dir") if init_args is not None else None
         name = init_args.get("name") if init_args is not None else None
         path, version = runs.newest_last_checkpoint(save_dir, name, config.checkpoint.dirpath)
@@ -147,6 +150,32 @@ class MAMLCLI(LightningCLI):
         super().after_instantiate_classes()
         if self.subcommand is not None:
             check_input_shape(self.model.network, self.datamodule.input_shape, self.config[self.subcommand])
+
+
+def _loggers(config) -> list[Namespace]:
+    logger = config.trainer.get("logger")
+    loggers = logger if isinstance(logger, list) else [logger]
+    return [one for one in loggers if isinstance(one, Namespace) and one.get("init_args") is not None]
+
+
+def _main_logger_args(config) -> Namespace | None:
+    """The init_args of the logger whose folders hold the run (Lightning's `trainer.log_dir` is the first
+    logger's): the first of the list, as Lightning takes it."""
+    loggers = _loggers(config)
+    return loggers[0].init_args if loggers else None
+
+
+def _put_logs_under_root_dir(config) -> None:
+    """`--trainer.default_root_dir DIR` puts logs and checkpoints under DIR, as Lightning users expect: a
+    logger's relative save_dir (the default `logs`) is taken inside DIR. Lightning itself uses
+    default_root_dir only for the loggers it builds, never for a logger given in the config."""
+    root = config.trainer.get("default_root_dir")
+    if not root:
+        return
+    for logger in _loggers(config):
+        save_dir = logger.init_args.get("save_dir")
+        if isinstance(save_dir, str) and not os.path.isabs(save_dir) and "://" not in save_dir:
+            logger.init_args.save_dir = os.path.join(root, save_dir)
 
 
 def check_input_shape(network: torch.nn.Module, data_shape: tuple[int, ...], config) -> None:

@@ -6,7 +6,10 @@
 A run dir is a TensorBoard version folder (the one holding ``events.out.tfevents.*``). ``--tags`` takes
 tag names or shell patterns (``'val/*'``); without it, every scalar but ``epoch`` and ``hp_metric``.
 The CSV has one row per point: ``run,tag,step,value``. The PNG has one panel per tag, x = step, one
-line per run. matplotlib is needed only for the PNG (it is in the dev dependency group).
+line per run (named by ``--labels``, else by its folder). ``--x training_time`` puts the PNG's x on training
+time (minutes) instead: the ``time/train_seconds`` that fmaml logs (validation excluded), interpolated at each point's
+step, so recipes of different speeds compare at the same cost. matplotlib is needed only for the PNG (it is
+in the dev dependency group).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import os
 import sys
 
 Curves = dict[str, list[tuple[int, float]]]  # tag -> [(step, value)], sorted by step
-SKIPPED_TAGS = ("epoch", "hp_metric")  # bookkeeping Lightning logs, not learning curves
+SKIPPED_TAGS = ("epoch", "hp_metric", "time/train_seconds")  # bookkeeping, not learning curves
+TIME_TAG = "time/train_seconds"
 
 
 def read_scalars(run_dir: str) -> Curves:
@@ -75,8 +79,24 @@ def write_csv(path: str, rows: list[tuple[str, str, int, float]]) -> None:
         writer.writerows(rows)
 
 
-def plot(path: str, runs: dict[str, Curves], tags: list[str]) -> None:
-    """One panel per tag (x = step), one line per run that has the tag; written to `path` (PNG)."""
+def on_training_time(curves: Curves, clock: list[tuple[int, float]] | None, run_dir: str) -> Curves:
+    """`curves` with each step replaced by the training minutes at that step, from `clock` (the run's
+    TIME_TAG points, interpolated linearly). Raises ValueError for a run that did not log TIME_TAG."""
+    if not clock:
+        raise ValueError(f"--x training_time: {run_dir!r} has no {TIME_TAG} (fmaml's fit logs it)")
+
+    def minutes(step: int) -> float:
+        below = [(s, t) for s, t in clock if s <= step] or clock[:1]
+        above = [(s, t) for s, t in clock if s >= step] or clock[-1:]
+        (s0, t0), (s1, t1) = below[-1], above[0]
+        return (t0 if s1 == s0 else t0 + (t1 - t0) * (step - s0) / (s1 - s0)) / 60
+
+    return {tag: [(minutes(step), value) for step, value in points] for tag, points in curves.items()}
+
+
+def plot(path: str, runs: dict[str, Curves], tags: list[str], x_label: str = "step") -> None:
+    """One panel per tag (x = step, or what `x_label` says), one line per run that has the tag; written to
+    `path` (PNG)."""
     plt = _pyplot()
     fig, axes = plt.subplots(len(tags), 1, figsize=(7, 2.6 * len(tags)), sharex=True, squeeze=False)
     for ax, tag in zip(axes[:, 0], tags, strict=True):
@@ -87,8 +107,9 @@ def plot(path: str, runs: dict[str, Curves], tags: list[str]) -> None:
         ax.set_ylabel(tag)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    axes[-1, 0].set_xlabel("step")
-    axes[-1, 0].xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
+    axes[-1, 0].set_xlabel(x_label)
+    if x_label == "step":
+        axes[-1, 0].xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -109,13 +130,23 @@ def _pyplot():
     return plt
 
 
-def export(run_dirs: list[str], tags: list[str] | None, out: str | None, csv_path: str | None) -> list[str]:
+def export(
+    run_dirs: list[str],
+    tags: list[str] | None,
+    out: str | None,
+    csv_path: str | None,
+    x: str = "step",
+    labels: list[str] | None = None,
+) -> list[str]:
     """Read the runs, check every tag, then write the CSV and/or the PNG; returns the tags exported."""
     if not out and not csv_path:
         raise ValueError("nothing to write: give --out curve.png, --csv curve.csv, or both")
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"--labels: {len(labels)} label(s) for {len(run_dirs)} run dir(s); give one per run")
     if out:
         _pyplot()  # fail on a missing matplotlib before reading anything
-    runs = {os.path.normpath(d): read_scalars(d) for d in run_dirs}
+    names = labels or [os.path.normpath(d) for d in run_dirs]
+    runs = {name: read_scalars(d) for name, d in zip(names, run_dirs, strict=True)}
     chosen = {run: select_tags(curves, tags, run) for run, curves in runs.items()}
     order = list(dict.fromkeys(tag for run_tags in chosen.values() for tag in run_tags))
     if csv_path:
@@ -127,7 +158,10 @@ def export(run_dirs: list[str], tags: list[str] | None, out: str | None, csv_pat
         ]
         write_csv(csv_path, rows)
     if out:
-        plot(out, {run: {t: runs[run][t] for t in run_tags} for run, run_tags in chosen.items()}, order)
+        shown = {run: {t: runs[run][t] for t in run_tags} for run, run_tags in chosen.items()}
+        if x == "training_time":
+            shown = {run: on_training_time(c, runs[run].get(TIME_TAG), run) for run, c in shown.items()}
+        plot(out, shown, order, "training minutes (validation excluded)" if x == "training_time" else "step")
     return order
 
 
@@ -141,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tags", nargs="+", help="scalar tags or patterns, e.g. val/accuracy 'train/*'")
     parser.add_argument("--out", help="PNG file to write")
     parser.add_argument("--csv", dest="csv_path", help="CSV file to write (run,tag,step,value)")
+    parser.add_argument("--x", choices=["step", "training_time"], default="step", help="the PNG's x axis")
+    parser.add_argument("--labels", nargs="+", help="one legend name per run dir (default: the folders)")
     args = parser.parse_args(argv)
     try:
-        tags = export(args.run_dirs, args.tags, args.out, args.csv_path)
+        tags = export(args.run_dirs, args.tags, args.out, args.csv_path, args.x, args.labels)
     except (FileNotFoundError, ValueError, ImportError) as e:
         parser.error(str(e))
     written = " and ".join(p for p in (args.out, args.csv_path) if p)

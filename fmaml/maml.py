@@ -62,6 +62,11 @@ StepWeights = Tensor | Sequence[float] | None
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 STRATEGIES = ("auto", "vmap", "loop", "chunked:N")
 MEMORY = ("store", "recompute")
+# memory="recompute" stores the graph of the last inner step(s) (run first on the way back, so recomputing
+# them would only cost one more support forward and backward each) and recomputes the earlier ones. More
+# stored steps trade memory for time; on the ConvNet the difference between 1 and 2 is within this CPU's
+# timing noise, so one: the least memory.
+STORED_STEPS = 1
 
 
 # ---------------------------------------------------------------------------------------------- one task
@@ -268,10 +273,10 @@ def task_loss_and_grad_recompute(
     def query_loss(p: Params) -> Tensor:
         return _evaluate(p, buffers, query_x, query_y, model, loss)[0]
 
-    # The last inner step is never recomputed: its graph is needed as soon as it is built, so it runs as
-    # `task_loss` does (stored, one step's memory) and the recursion starts from its gradient. This saves
-    # one support forward and backward per meta-step and leaves memory flat in the steps.
-    start = steps - 1
+    # The last STORED_STEPS inner steps are not recomputed: their graphs are needed as soon as they are
+    # built, so they run as `task_loss` does (stored) and the recursion starts from their gradient. Each
+    # saves one support forward and backward; memory stays flat in the steps (those steps' graphs only).
+    start = max(steps - STORED_STEPS, 0)
     weights = [0.0] * (steps - 1) + [1.0] if step_weights is None else list(step_weights)
 
     # Forward: only the iterates up to θ_start, without any graph (support gradients are recomputed later).
@@ -280,18 +285,18 @@ def task_loss_and_grad_recompute(
         g = grad(support_loss)(thetas[-1])
         thetas.append({n: p - _lr_for(lr, step, n) * g[n] for n, p in thetas[-1].items()})
 
-    def last_step_loss(p: Params, rates: list[Tensor]) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+    def stored_steps_loss(p: Params, rates: list[Tensor]) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
         step_lr = with_rates(rates) if learned_rates else lr
         if isinstance(step_lr, Sequence) and not isinstance(step_lr, str):
-            step_lr = step_lr[start:]  # a rate per step: the last one
+            step_lr = step_lr[start:]  # a rate per step: those of the stored steps
         value, metrics = task_loss(
-            p, buffers, task, model=model, loss=loss, steps=1, lr=step_lr, first_order=first_order,
+            p, buffers, task, model=model, loss=loss, steps=steps - start, lr=step_lr, first_order=first_order,
             metrics_before=False, step_weights=None if step_weights is None else weights[start:],
         )  # fmt: skip
         return value, (value, metrics)
 
     (a, rate_grads), (_, (value, last_metrics)) = grad_and_value(
-        last_step_loss, argnums=(0, 1), has_aux=True
+        stored_steps_loss, argnums=(0, 1), has_aux=True
     )(thetas[start], list(learned_rates))
     value = value.detach()
     rate_grads = list(rate_grads)

@@ -396,14 +396,17 @@ class MAML(L.LightningModule):
             return
         if self.per_task_csv:
             _write_csv(self.per_task_csv, per_task)
-        scale, unit = (100.0, "%") if main == "accuracy" else (1.0, "")
+        if main == "accuracy":
+            shown = f"{mean * 100:.2f}% ± {ci95 * 100:.2f}%"
+        else:  # a loss of any scale (the sinusoid's MSE is ~0.1): three significant digits
+            shown = f"{mean:.3g} ± {ci95:.3g}"
         ckpt = self.trainer.ckpt_path
         weights = (
             f"checkpoint {ckpt} (step {self.checkpoint_step})" if ckpt else "the untrained initial weights"
         )
         print(
             f"test {main} over {values.numel()} tasks after {self.eval_inner['steps']} inner steps: "
-            f"{mean * scale:.2f}{unit} ± {ci95 * scale:.2f}{unit} (95% CI), {weights}"
+            f"{shown} (95% CI), {weights}"
         )
 
     def _gather_per_task(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,13 +1,20 @@
-"""`python -m fmaml.sweep`: grid parsing, dry run, and a real sweep of tiny sinusoid fits."""
+"""`python -m fmaml.sweep` on Optuna: grid and search parsing, dry run, and real sweeps of tiny sinusoid fits
+on a real SQLite study: two workers on one grid, a search read back from storage, a failing trial, a
+pruned trial, and a killed worker's trial."""
 
 import csv
 import glob
 import os
 import shlex
+import signal
+import subprocess
+import sys
+import time
 
+import optuna
 import pytest
 
-from fmaml.sweep import main, parse_grid, split_values, version_names
+from fmaml.sweep import main, parse_grid, parse_search, split_values, version_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SINUSOID = os.path.join(REPO, "configs", "sinusoid.yaml")
@@ -60,6 +67,9 @@ def test_same_key_twice_and_no_grid(capsys):
     with pytest.raises(SystemExit):
         main(["--config", SINUSOID])
     assert "--grid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--search", "model.inner_lr=log:0.01:1", "--config", SINUSOID])
+    assert "--search needs --trials N" in capsys.readouterr().err
 
 
 def test_version_names_are_short_unique_and_safe():
@@ -69,6 +79,23 @@ def test_version_names_are_short_unique_and_safe():
     assert version_names(combos, names) == ["inner_lr=0.1,data.seed=1,model.seed=2,hidden=4_4"]
     twins = [{"k": "a/b"}, {"k": "a_b"}]
     assert version_names(twins, {"k": "k"}) == ["k=a_b", "k=a_b-1"]
+
+
+def test_parse_search():
+    search = dict(
+        parse_search(["model.inner_lr=log:0.01:1", "model.inner_steps=int:1:5", "data.shots=choice:1,5"])
+    )
+    assert search["model.inner_lr"] == optuna.distributions.FloatDistribution(0.01, 1, log=True)
+    assert search["model.inner_steps"] == optuna.distributions.IntDistribution(1, 5)
+    assert search["data.shots"] == optuna.distributions.CategoricalDistribution(["1", "5"])
+    for bad, message in [
+        ("model.inner_lr=log:0:1", "LOW > 0"),
+        ("model.inner_lr=float:1:0.5", "LOW < HIGH"),
+        ("model.inner_lr=int:a:5", "two ints"),
+        ("model.inner_lr=uniform:0:1", "expected KEY=KIND"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_search([bad])
 
 
 def test_dry_run_prints_the_product(tmp_path, capsys):
@@ -86,54 +113,152 @@ def test_dry_run_prints_the_product(tmp_path, capsys):
     assert "--trainer.logger.init_args.name=sweeps/s" in first
     versions = [next(a for a in c if a.startswith("--trainer.logger.init_args.version=")) for c in commands]
     assert [v.split("=", 1)[1] for v in versions] == [
-        "inner_steps=1,eval_inner_steps=3",
-        "inner_steps=1,eval_inner_steps=10",
-        "inner_steps=5,eval_inner_steps=3",
-        "inner_steps=5,eval_inner_steps=10",
+        "0-inner_steps=1,eval_inner_steps=3",
+        "1-inner_steps=1,eval_inner_steps=10",
+        "2-inner_steps=5,eval_inner_steps=3",
+        "3-inner_steps=5,eval_inner_steps=10",
     ]
     assert first[-2:] == ["--model.inner_steps=1", "--model.eval_inner_steps=3"]  # last, so they win
     assert not os.listdir(tmp_path)
 
 
-def test_existing_sweep_name_is_refused(tmp_path, capsys):
-    os.makedirs(tmp_path / "sweeps" / "s")
-    with pytest.raises(SystemExit):
-        main(["--name", "s", "--save-dir", str(tmp_path), "--grid", "model.inner_steps=1", *TINY])
-    assert "exists: give the sweep another --name" in capsys.readouterr().err
+def study(tmp_path, name="s"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/sweeps/{name}/optuna.db")
+
+
+def sweep_process(tmp_path, *args, name="s"):
+    command = [sys.executable, "-m", "fmaml.sweep", "--name", name, "--save-dir", str(tmp_path), *args, *TINY]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
-def test_sweep_runs_every_value_and_reports_a_failed_one(tmp_path, capsys):
-    """Three sinusoid fits of 2 steps; inner_steps=0 is invalid: that run fails, the others complete."""
-    args = [
+def test_two_workers_on_one_storage_run_each_grid_point_once(tmp_path):
+    """Two sweep processes started together on the same study: the 4 points run once each, in all."""
+    grid = ["--grid", "model.inner_steps=1,2", "--grid", "model.inner_lr=0.01,0.02"]
+    workers = [sweep_process(tmp_path, *grid) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    runs = sorted(
+        os.path.basename(os.path.dirname(p)) for p in glob.glob(str(tmp_path / "sweeps/s/*/output.log"))
+    )
+    points = [r.split("-", 1)[1] for r in runs]
+    assert sorted(points) == sorted(
+        f"inner_steps={a},inner_lr={b}" for a in ("1", "2") for b in ("0.01", "0.02")
+    ), runs
+    complete = [t for t in study(tmp_path).trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted((t.params["model.inner_steps"], t.params["model.inner_lr"]) for t in complete) == sorted(
+        (a, b) for a in ("1", "2") for b in ("0.01", "0.02")
+    )
+    assert all(t.value == t.user_attrs["metrics"]["val/loss"] for t in complete)
+    # Both workers ran something, and each printed the whole study's summary at the end.
+    assert all("4 complete" in out for out in outputs), outputs
+
+
+@pytest.mark.slow
+def test_search_reports_its_best_trial_from_the_storage(tmp_path, capsys):
+    code = main(
+        ["--name", "s", "--save-dir", str(tmp_path), "--search", "model.inner_lr=log:0.001:0.1"]
+        + ["--trials", "3", "--seed", "0", "--metric", "val/loss", *TINY]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    stored = study(tmp_path)
+    complete = [t for t in stored.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    assert len({t.params["model.inner_lr"] for t in complete}) == 3
+    best = min(complete, key=lambda t: t.value)
+    assert stored.best_trial.number == best.number
+    assert f"best: trial {best.number}, val/loss={best.value:.6g}" in out
+    with open(tmp_path / "sweeps" / "s" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["trial"]) for r in rows] == [0, 1, 2]
+    assert all(float(r["val/loss"]) == float(r["objective"]) > 0 for r in rows)
+    # Reported after every validation, by global_step (val_check_interval=1 over 2 steps).
+    assert sorted(best.intermediate_values) == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path, capsys):
+    """inner_steps=0 is refused at start-up: that trial fails, the other two complete."""
+    code = main(["--name", "s", "--save-dir", str(tmp_path), "--grid", "model.inner_steps=1,0,2", *TINY])
+    out = capsys.readouterr().out
+    assert code == 1
+    states = {t.params["model.inner_steps"]: t.state for t in study(tmp_path).trials}
+    assert states == {
+        "1": optuna.trial.TrialState.COMPLETE,
+        "0": optuna.trial.TrialState.FAIL,
+        "2": optuna.trial.TrialState.COMPLETE,
+    }
+    sweep = tmp_path / "sweeps" / "s"
+    assert "model.inner_steps=0" in (sweep / "1-inner_steps=0" / "output.log").read_text()
+    assert "1-inner_steps=0: failed (exit 1)" in out and "2 complete, 1 fail" in out
+    for ok in ("0-inner_steps=1", "2-inner_steps=2"):
+        assert (sweep / ok / "checkpoints" / "last.ckpt").is_file()
+    with open(sweep / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["inner_steps"] for r in rows] == ["1", "0", "2"]
+    assert [r["state"] for r in rows] == ["complete", "fail", "complete"]
+    assert rows[1]["val/loss"] == "" and float(rows[0]["val/loss"]) > 0
+    assert "inner_steps  state" in out
+
+
+@pytest.mark.slow
+def test_a_trial_behind_the_median_is_pruned_before_its_last_step(tmp_path, capsys):
+    """The first trial trains (meta lr 0.01); the second cannot improve (meta lr 0): its first validation
+    is behind the first trial's at that step, so it stops there, recorded as pruned."""
+    long = ["--trainer.max_steps=20", "--trainer.val_check_interval=5"]
+    code = main(
+        ["--name", "s", "--save-dir", str(tmp_path), "--grid", "model.optimizer.init_args.lr=0.01,0.0"]
+        + ["--prune", "--prune-startup-trials", "1", *TINY, *long]
+    )
+    assert code == 0, capsys.readouterr().out
+    trained, frozen = sorted(study(tmp_path).trials, key=lambda t: t.number)
+    assert trained.state == optuna.trial.TrialState.COMPLETE
+    assert frozen.state == optuna.trial.TrialState.PRUNED
+    assert frozen.user_attrs["pruned_at_step"] < 20
+    assert max(frozen.intermediate_values) == frozen.user_attrs["pruned_at_step"]
+    assert frozen.intermediate_values[5] > trained.intermediate_values[5]
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(tmp_path):
+    """kill -9 a worker (its run dies with it) mid-trial; the trial stays RUNNING in the storage until the
+    sweep resumes: then it is failed for its missing heartbeats and its point retried."""
+    command = [
+        sys.executable,
+        "-m",
+        "fmaml.sweep",
         "--name",
         "s",
         "--save-dir",
         str(tmp_path),
-        "--grid",
-        "model.inner_steps=1,0,2",
-        "--parallel",
-        "2",
+        "--heartbeat",
+        "1",
     ]
-    code = main([*args, *TINY])  # 2 at a time: rows must still come in grid order
-    out = capsys.readouterr().out
-    assert code == 1
-    sweep = tmp_path / "sweeps" / "s"
-    for ok in ("inner_steps=1", "inner_steps=2"):
-        assert glob.glob(str(sweep / ok / "events.out.tfevents.*")), ok
-        assert (sweep / ok / "checkpoints" / "last.ckpt").is_file()
-    assert "model.inner_steps=0" in (sweep / "inner_steps=0" / "output.log").read_text()
-    assert "inner_steps=0: failed (exit 1)" in out and "2 ok, 1 failed" in out
-
-    with open(sweep / "summary.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["inner_steps"] for r in rows] == ["1", "0", "2"]
-    assert [r["status"] for r in rows] == ["ok", "failed (exit 1)", "ok"]
-    for row in (rows[0], rows[2]):
-        assert float(row["val/loss"]) > 0 and float(row["val/loss_before"]) > 0
-        assert float(row["wall_s"]) > 0
-        assert os.path.isdir(row["log_dir"])
-    assert rows[1]["val/loss"] == ""
-    assert rows[0]["val/loss"] != rows[2]["val/loss"]  # 1 and 2 training inner steps differ
-    # The printed table holds the same rows.
-    assert "inner_steps  val/loss" in out
+    command += [
+        "--grid",
+        "model.inner_steps=1",
+        *TINY,
+        "--trainer.max_steps=-1",
+        "--trainer.max_time=00:00:00:10",
+    ]
+    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if os.path.exists(tmp_path / "sweeps/s/optuna.db") and any(
+            t.state == optuna.trial.TrialState.RUNNING for t in study(tmp_path).trials
+        ):
+            break
+    time.sleep(2)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    (running,) = study(tmp_path).trials
+    assert running.state == optuna.trial.TrialState.RUNNING
+    time.sleep(4)  # past the grace period (3 heartbeats) without a heartbeat
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    first, retry = sorted(study(tmp_path).trials, key=lambda t: t.number)
+    assert first.state == optuna.trial.TrialState.FAIL
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.params == first.params

@@ -104,12 +104,33 @@ def test_grey_levels_outside_0_255_stay_float32():
     assert images.dtype == torch.float32 and torch.equal(images, torch.full((2, 3, 1, 2, 2), 2.0))
 
 
-def test_unequal_classes_and_shapes_are_refused():
-    with pytest.raises(ValueError, match=r"same number of examples in every class, got sizes \[3, 4\]"):
-        InMemoryEpisodes.from_metadataset(FakeMetaDataset([4, 3, 4], grey_levels((1, 4, 4))), 1, 1)
+def test_unequal_classes_are_padded_and_sampled_only_within_their_examples():
+    """Classes of 4, 3 and 5 examples: every sampled example is a real one of its class (never padding),
+    each class's examples are all reachable, and too few examples in the smallest class is refused."""
+    sizes = [4, 3, 5]
+    # Example k of class c has every pixel (10 * c + k + 1) / 255; padding is 0.
+    meta = FakeMetaDataset(sizes, lambda c, k: torch.full((1, 2, 2), (10 * c + k + 1) / 255))
+    episodes = InMemoryEpisodes.from_metadataset(meta, 1, 2)
+    assert episodes.images.shape[:2] == (3, 5) and episodes.counts.tolist() == sizes
+    seen: dict[int, set[int]] = {c: set() for c in range(3)}
+    for i in range(40):
+        batch = episodes.sample(8, torch.Generator().manual_seed(i))
+        for x, _ in (batch["support"], batch["query"]):
+            values = torch.round(x[..., 0, 0, 0] * 255).long().flatten().tolist()
+            assert 0 not in values, "a padding row was sampled"
+            for v in values:
+                c, k = divmod(v - 1, 10)
+                assert k < sizes[c]
+                seen[c].add(k)
+    assert {c: len(ks) for c, ks in seen.items()} == {0: 4, 1: 3, 2: 5}
+    with pytest.raises(ValueError, match=r"= 4 is more than the 3 examples of the smallest class"):
+        InMemoryEpisodes.from_metadataset(meta, 2, 2)
+
+
+def test_images_of_another_shape_are_refused():
     with pytest.raises(ValueError, match=r"images of one shape, got \(1, 5, 4\) in class 1"):
         InMemoryEpisodes.from_metadataset(
-            FakeMetaDataset([2, 2], lambda c, k: torch.zeros(1, 4 + c, 4)), 1, 1
+            FakeMetaDataset([2, 2], lambda c, k: torch.full((1, 4 + c, 4), 0.0)), 1, 1
         )
 
 

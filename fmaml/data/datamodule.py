@@ -270,6 +270,8 @@ class MetaDataModule(L.LightningDataModule):
                 f"data.ways={self.ways} is larger than the {num_classes} classes in {where}; lower --data.ways"
             )
         if self.shots + self.query_shots > fewest:
+            smallest = getattr(self.dataset, "smallest_class", None)
+            where += f" (the smallest class: {smallest(split)})" if smallest else ""
             raise ValueError(_too_few_samples(where, self.shots, self.query_shots, fewest))
         splitter = ClassSplitter(
             shuffle=True, num_train_per_class=self.shots, num_test_per_class=self.query_shots

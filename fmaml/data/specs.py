@@ -22,7 +22,8 @@ import h5py
 import numpy as np
 from torchmeta.datasets.omniglot import OmniglotClassDataset
 from torchmeta.transforms import Categorical, Rotation
-from torchmeta.utils.data import CombinationMetaDataset
+from torchmeta.utils.data import ClassDataset, CombinationMetaDataset
+from torchmeta.utils.data import Dataset as TorchmetaClassData
 from torchvision.transforms import Compose, Resize, ToTensor
 
 from fmaml.data.omniglot_files import is_prepared, prepare_omniglot
@@ -321,3 +322,213 @@ class TorchmetaDataset(DatasetSpec):
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}={value!r} must be a positive integer; set --{name} to 1 or more")
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SPLIT_FOLDERS = ("train", "val", "test")
+
+
+class ImageFolder(DatasetSpec):
+    """Your own images: a folder of class folders, one folder per class with its images inside.
+
+    Args:
+        path: the folder. Either it holds ``train/``, ``val/`` and ``test/``, each a folder of class folders
+            (your split), or it is itself a folder of class folders, split by class: the classes shuffled
+            with ``split_seed``, then cut into ``split_fractions`` (meta-train, meta-validation, meta-test).
+        image_size: images are resized to image_size x image_size.
+        channels: 1 (grey) or 3 (RGB): every image is converted to it. None: the images' own, which must
+            then be one mode throughout (a folder mixing grey and colour is refused, naming a file of each).
+        rotations: add each meta-training class rotated by 90/180/270 degrees as a new class (x4 classes).
+        invert: use 255 - pixel (dark strokes on white become bright on black, as fmaml's Omniglot).
+        split_seed, split_fractions: the split by class, when there are no train/val/test folders.
+
+    Classes may differ in size (the tensor sampler pads them and samples within each); every class needs
+    at least shots + query_shots images. Files: ``*.png``, ``*.jpg``, ... (IMAGE_EXTENSIONS), read with PIL.
+    Example::
+
+        data:
+          dataset:
+            class_path: fmaml.data.ImageFolder
+            init_args: {path: /data/my_images, image_size: 28, channels: 1}
+    """
+
+    def __init__(
+        self,
+        path: str,
+        image_size: int = 28,
+        channels: int | None = None,
+        rotations: bool = False,
+        invert: bool = False,
+        split_seed: int = 0,
+        split_fractions: tuple[float, float, float] = (0.64, 0.16, 0.2),
+    ):
+        _check_positive_int("data.dataset.image_size", image_size)
+        if channels not in (None, 1, 3):
+            raise ValueError(
+                f"data.dataset.channels={channels!r}: set it to 1 (grey), 3 (RGB), or null to keep the images' own"
+            )
+        fractions = tuple(split_fractions)
+        if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+            raise ValueError(
+                f"data.dataset.split_fractions={list(fractions)}: give three positive fractions summing to 1 "
+                "(meta-train, meta-validation, meta-test), e.g. [0.64, 0.16, 0.2]"
+            )
+        self.path = path
+        self.image_size = image_size
+        self.channels = channels
+        self.rotations = rotations
+        self.invert = invert
+        self.split_seed = split_seed
+        self.split_fractions = fractions
+        self._splits: dict[str, list[tuple[str, list[str]]]] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"ImageFolder({self.path})"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.channels or self._mode_channels(), self.image_size, self.image_size)
+
+    def splits(self) -> dict[str, list[tuple[str, list[str]]]]:
+        """{split: [(class folder, [image files, sorted]), ...]}, classes sorted by folder; checked once."""
+        if self._splits is None:
+            self._splits = self._find_splits()
+        return self._splits
+
+    def _find_splits(self) -> dict[str, list[tuple[str, list[str]]]]:
+        folder = os.path.abspath(self.path)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"data.dataset.path={self.path!r}: no such folder ({folder}); give a folder of class folders"
+            )
+        present = [s for s in SPLIT_FOLDERS if os.path.isdir(os.path.join(folder, s))]
+        if present:
+            missing = [s for s in SPLIT_FOLDERS if s not in present]
+            if missing:
+                raise FileNotFoundError(
+                    f"data.dataset.path={self.path!r} has {', '.join(p + '/' for p in present)} but no "
+                    f"{', '.join(m + '/' for m in missing)}: give all three split folders, or none (then the "
+                    "classes are split by data.dataset.split_fractions)"
+                )
+            return {s: _class_folders(os.path.join(folder, s)) for s in SPLIT_FOLDERS}
+        classes = _class_folders(folder)
+        order = np.random.default_rng(self.split_seed).permutation(len(classes))
+        train_end = round(self.split_fractions[0] * len(classes))
+        val_end = train_end + round(self.split_fractions[1] * len(classes))
+        cuts = {"train": order[:train_end], "val": order[train_end:val_end], "test": order[val_end:]}
+        empty = [s for s, idx in cuts.items() if len(idx) == 0]
+        if empty:
+            raise ValueError(
+                f"data.dataset.path={self.path!r}: its {len(classes)} classes leave no class for the "
+                f"{', '.join(SPLIT_NAMES[s] for s in empty)} split with split_fractions={list(self.split_fractions)}; "
+                "add classes or change data.dataset.split_fractions"
+            )
+        return {s: [classes[i] for i in sorted(idx)] for s, idx in cuts.items()}
+
+    def _mode_channels(self) -> int:
+        from PIL import Image
+
+        modes: dict[str, str] = {}
+        for classes in self.splits().values():
+            for _, files in classes:
+                for file in files:
+                    with Image.open(file) as image:
+                        modes.setdefault(image.mode, file)
+                    if len(modes) > 1:
+                        (a, fa), (b, fb) = list(modes.items())[:2]
+                        raise ValueError(
+                            f"data.dataset.path={self.path!r} mixes image modes: {a} ({fa}) and {b} ({fb}); set "
+                            "data.dataset.channels to 1 or 3 to convert every image to grey or RGB"
+                        )
+        (mode,) = modes
+        return 1 if mode in ("1", "L", "I", "I;16", "F") else 3
+
+    def prepare(self, root: str) -> None:
+        self.splits()
+        self.input_shape  # noqa: B018 (checks the image modes now, before any long work)
+
+    def split_stats(self, root: str, split: Split) -> tuple[int, int]:
+        classes = self.splits()[split]
+        rotated = self.rotations and split == "train"
+        return len(classes) * (4 if rotated else 1), min(len(files) for _, files in classes)
+
+    def smallest_class(self, split: Split) -> str:
+        folder, files = min(self.splits()[split], key=lambda c: len(c[1]))
+        return f"{folder}, {len(files)} images"
+
+    def build(self, root, split, ways, shots, query_shots, splitter):
+        mode = {1: "L", 3: "RGB"}[self.input_shape[0]]
+        classes = _ImageFolderClasses(
+            self.splits()[split],
+            mode,
+            self.invert,
+            meta_split=split,
+            transform=Compose([Resize((self.image_size, self.image_size)), ToTensor()]),
+            class_augmentations=[Rotation([90, 180, 270])] if self.rotations and split == "train" else None,
+        )
+        return CombinationMetaDataset(
+            classes, ways, target_transform=Categorical(ways), dataset_transform=splitter
+        )
+
+
+def _class_folders(folder: str) -> list[tuple[str, list[str]]]:
+    """The class folders of `folder` with their image files, both sorted; an empty class is an error."""
+    classes = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_dir():
+            continue
+        files = sorted(
+            os.path.join(entry.path, f)
+            for f in os.listdir(entry.path)
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not files:
+            raise ValueError(
+                f"class folder {entry.path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove it"
+            )
+        classes.append((entry.path, files))
+    if not classes:
+        raise ValueError(
+            f"{folder} holds no class folders: put each class's images in a folder of its own there"
+        )
+    return classes
+
+
+class _ImageFolderClasses(ClassDataset):
+    """torchmeta's view of ImageFolder's classes: item i is class i's images (through class augmentation
+    i // num_classes, as torchmeta numbers augmented classes)."""
+
+    def __init__(self, classes, mode: str, invert: bool, meta_split: str, transform, class_augmentations):
+        super().__init__(meta_split=meta_split, class_augmentations=class_augmentations)
+        self.classes, self.mode, self.invert, self.transform = classes, mode, invert, transform
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, index: int):
+        folder, files = self.classes[index % self.num_classes]
+        return _ImageClass(
+            index, files, self.mode, self.invert, folder, self.get_transform(index, self.transform),
+            self.get_target_transform(index),
+        )  # fmt: skip
+
+
+class _ImageClass(TorchmetaClassData):
+    def __init__(self, index, files, mode, invert, name, transform, target_transform):
+        super().__init__(index, transform=transform, target_transform=target_transform)
+        self.files, self.mode, self.invert, self.name = files, mode, invert, name
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image, ImageOps
+
+        with Image.open(self.files[i]) as file:
+            image = file.convert(self.mode)
+        if self.invert:
+            image = ImageOps.invert(image)
+        target = self.name if self.target_transform is None else self.target_transform(self.name)
+        return (image if self.transform is None else self.transform(image)), target

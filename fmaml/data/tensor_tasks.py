@@ -71,10 +71,20 @@ class InMemoryEpisodes:
     pixel_maps: ``[augmentations + 1, H*W]`` (row 0 the identity, see `pixel_map`): class
         ``a * base_classes + b`` is base class b under augmentation a, torchmeta's class numbering.
     num_tasks: tasks per epoch of the training stream (torchmeta's ``len(metadataset)``).
+    counts: ``[base_classes]`` int64, the examples of each class when classes differ in size (each class's
+        first ``counts[c]`` rows of ``images`` hold them, the rest is padding never sampled); None: all
+        ``samples`` rows of every class.
     """
 
     def __init__(
-        self, images: Tensor, pixel_maps: Tensor, ways: int, shots: int, query_shots: int, num_tasks: int
+        self,
+        images: Tensor,
+        pixel_maps: Tensor,
+        ways: int,
+        shots: int,
+        query_shots: int,
+        num_tasks: int,
+        counts: Tensor | None = None,
     ):
         if images.dim() != 5 or images.dtype not in (torch.uint8, torch.float32):
             raise ValueError(
@@ -83,14 +93,16 @@ class InMemoryEpisodes:
             )
         self.images, self.pixel_maps = images, pixel_maps.to(images.device)
         self.ways, self.shots, self.query_shots, self.num_tasks = ways, shots, query_shots, num_tasks
+        self.counts = None if counts is None else counts.to(images.device)
         if ways > self.num_classes:
             raise ValueError(
                 f"data.ways={ways} is larger than the {self.num_classes} classes; lower --data.ways"
             )
-        if shots + query_shots > images.shape[1]:
+        fewest = images.shape[1] if counts is None else int(counts.min())
+        if shots + query_shots > fewest:
             raise ValueError(
-                f"data.shots + data.query_shots = {shots + query_shots} is more than the {images.shape[1]} "
-                "examples per class; lower --data.shots or --data.query_shots"
+                f"data.shots + data.query_shots = {shots + query_shots} is more than the {fewest} "
+                "examples of the smallest class; lower --data.shots or --data.query_shots"
             )
 
     @classmethod
@@ -103,20 +115,17 @@ class InMemoryEpisodes:
         base = [
             class_dataset[c] for c in range(class_dataset.num_classes)
         ]  # no augmentation below num_classes
-        sizes = {len(examples) for examples in base}
-        if len(sizes) != 1:
-            raise ValueError(
-                f"data.sampler=tensor needs the same number of examples in every class, got sizes "
-                f"{sorted(sizes)[:5]}...; use --data.sampler=torchmeta"
-            )
+        sizes = [len(examples) for examples in base]
+        # Classes of unequal size are padded to the largest; `counts` keeps sampling inside each class.
+        counts = None if len(set(sizes)) == 1 else torch.tensor(sizes)
         images = None
         for c, examples in enumerate(base):
             x = torch.stack([examples[k][0] for k in range(len(examples))])  # [samples, (C,) H, W]
             if x.dim() == 3:  # [samples, H, W]: no channel axis
                 x = x.unsqueeze(1)
             if images is None:
-                images = torch.empty(len(base), *x.shape, dtype=torch.uint8)
-            elif x.shape != images.shape[1:]:
+                images = torch.zeros(len(base), max(sizes), *x.shape[1:], dtype=torch.uint8)
+            elif x.shape[1:] != images.shape[2:]:
                 raise ValueError(
                     f"data.sampler=tensor needs images of one shape, got {tuple(x.shape[1:])} in class {c} "
                     f"and {tuple(images.shape[2:])} before; use --data.sampler=torchmeta"
@@ -124,20 +133,20 @@ class InMemoryEpisodes:
             if images.dtype == torch.uint8:
                 pixels = _uint8_pixels(x)
                 if pixels is not None:
-                    images[c] = pixels
+                    images[c, : len(x)] = pixels
                     continue
                 # Not k/255: the whole split stays float (the classes read so far, back exactly).
                 as_float = torch.empty(images.shape, dtype=x.dtype)
                 as_float[:c].copy_(images[:c]).div_(255)
                 images = as_float
-            images[c] = x
+            images[c, : len(x)] = x
         height, width = images.shape[-2:]
         maps = [pixel_map(a, height, width) for a in [None, *class_dataset.class_augmentations]]
         with warnings.catch_warnings():  # torchmeta warns that C(classes, ways) exceeds sys.maxsize
             warnings.simplefilter("ignore")
             num_tasks = len(metadataset)
         ways = metadataset.num_classes_per_task
-        return cls(images.to(device), torch.stack(maps), ways, shots, query_shots, num_tasks)
+        return cls(images.to(device), torch.stack(maps), ways, shots, query_shots, num_tasks, counts)
 
     @property
     def device(self) -> torch.device:
@@ -161,7 +170,11 @@ class InMemoryEpisodes:
         # Distinct classes per task and distinct examples per class: the positions of the largest of iid
         # uniforms, a uniformly random ordered subset (topk: 10x faster than a full argsort on CPU).
         classes = rand(T, self.num_classes).topk(W, dim=1).indices  # [T, W]
-        examples = rand(T, W, S).topk(K, dim=2).indices  # [T, W, K]
+        scores = rand(T, W, S)
+        if self.counts is not None:  # padding rows score below every real example, so topk never takes them
+            padding = torch.arange(S, device=device) >= self.counts[classes % base_classes][:, :, None]
+            scores = scores.masked_fill(padding, -1.0)
+        examples = scores.topk(K, dim=2).indices  # [T, W, K]
         labels = rand(T, W).argsort(dim=1)  # [T, W]: the label of each class of the task
         x = self.images[(classes % base_classes)[:, :, None], examples]  # [T, W, K, C, H, W]
         if self.pixel_maps.shape[0] > 1:

@@ -1,0 +1,85 @@
+"""The README's "In a notebook" cells run as written, on tiny settings: the install cell installs this
+checkout into a fresh virtual environment (uv, overriding torchmeta's torch pin, from uv's cache: offline),
+and the other cells run in that environment's Python, as a notebook kernel would run them."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from fixtures import write_omniglot_zips
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The notebook's settings, made tiny; each must appear in the README's cells exactly as on the left.
+TINY = {
+    'FMAML = "fmaml"': "FMAML = {repo!r}",
+    "ZIPS = None": "ZIPS = {zips!r}",
+    "STEPS, FILTERS = 200, 64": "STEPS, FILTERS = 2, 4",
+    "TEST_TASKS = 600": "TEST_TASKS = 6",
+}
+MAGICS = ("%load_ext tensorboard", "%tensorboard --logdir logs")
+
+
+def notebook_cells() -> list[str]:
+    text = open(os.path.join(REPO, "README.md")).read()
+    section = text.split("## In a notebook", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_the_readme_has_the_notebook_cells():
+    cells = notebook_cells()
+    assert len(cells) == 6
+    source = "\n".join(cells)
+    for line in [*TINY, *MAGICS, "uv pip install --system", "--override overrides.txt", "meta_loss("]:
+        assert line in source, line
+
+
+@pytest.mark.slow
+def test_the_notebook_cells_run(tmp_path):
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("needs uv, as the install cell does")
+    zips = tmp_path / "zips"
+    write_omniglot_zips(zips)
+    venv = tmp_path / "venv"
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    script = ["import subprocess"]
+    for cell in notebook_cells():
+        for old, new in TINY.items():
+            cell = cell.replace(old, new.format(repo=REPO, zips=str(zips)))
+        for line in cell.splitlines():
+            if line.startswith("%"):
+                assert line in MAGICS, line  # IPython magics: the kernel's, not ours to run
+                continue
+            if line.startswith("!"):
+                command = line[1:]
+                if command.startswith("pip install -q uv"):
+                    continue  # uv is here already
+                # Into the fresh environment instead of the system's, from uv's cache (no network here).
+                command = command.replace(
+                    "uv pip install --system", f"{uv} pip install --offline --python {python}"
+                )
+                # IPython expands {name} in shell lines from the notebook's variables.
+                script.append(f"subprocess.run({command!r}.format(**globals()), shell=True, check=True)")
+                continue
+            script.append(line)
+    (tmp_path / "notebook.py").write_text("\n".join(script) + "\n")
+    run = subprocess.run(
+        [python, "notebook.py"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        env={k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    # Installed from this checkout, with torch above torchmeta's pin.
+    import_check = subprocess.run(
+        [python, "-c", "import fmaml, torch, torchmeta; print(fmaml.__file__, torch.__version__)"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    where, torch_version = import_check.stdout.split()
+    assert str(venv) in where and int(torch_version.split(".")[0]) >= 2
+    out = run.stdout
+    assert re.search(r"accuracy .*± .*checkpoint .*last\.ckpt \(step 2\)", out), out[-2000:]
+    assert re.search(r"meta-loss \d+\.\d+, query accuracy after one step \d\.\d\d", out), out[-2000:]
+    assert (tmp_path / "logs" / "fmaml" / "version_0" / "checkpoints" / "last.ckpt").is_file()
