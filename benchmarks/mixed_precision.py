@@ -11,7 +11,8 @@ the inner gradient fails under autocast in torch 2.15, so fmaml refuses it with 
 
 `train`: two fits of configs/omniglot.yaml (real Omniglot 5-way 5-shot) of the same number of steps,
 float32 and `--trainer.precision=bf16-mixed`, at the same time, each pinned to its own core with one
-thread, then each tested on the same 600 meta-test tasks (mean ± 95% CI, and the paired difference).
+thread (or, with `--core N`, one after the other on core N), then each tested on the same 600 meta-test
+tasks (mean ± 95% CI, and the paired difference).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def train(out: Path, steps: int, meta_batch: int) -> None:
+def train(out: Path, steps: int, meta_batch: int, core: int | None) -> None:
     if "FMAML_DATA_ROOT" not in os.environ:
         sys.exit("set FMAML_DATA_ROOT to the folder holding omniglot/ (the two official zips)")
     out.mkdir(parents=True, exist_ok=True)
@@ -85,14 +86,15 @@ def train(out: Path, steps: int, meta_batch: int) -> None:
         f"--trainer.logger.init_args.save_dir={out / 'logs'}",
     ]  # fmt: skip
     processes = {}
-    for core, precision in enumerate(("32-true", "bf16-mixed")):
+    for i, precision in enumerate(("32-true", "bf16-mixed")):
         name = precision.replace("-", "_")
         run = [*common, f"--trainer.precision={precision}", f"--trainer.logger.init_args.name={name}"]
         ckpt = out / "logs" / name / "version_0" / "checkpoints" / "last.ckpt"
         fit = [sys.executable, "-m", "fmaml", "fit", *run]
         test = [sys.executable, "-m", "fmaml", "test", *run, f"--ckpt_path={ckpt}", "--trainer.logger=false"]
         test += [f"--model.per_task_csv={out / (name + '_test.csv')}"]
-        script = " && ".join(subprocess.list2cmdline(["taskset", "-c", str(core), *c]) for c in (fit, test))
+        pinned = str(i if core is None else core)
+        script = " && ".join(subprocess.list2cmdline(["taskset", "-c", pinned, *c]) for c in (fit, test))
         log = open(out / f"{name}.log", "w")  # noqa: SIM115 (closed when the process ends)
         env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         processes[name] = (
@@ -125,11 +127,12 @@ def main() -> None:
     training.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/mixed_precision")
     training.add_argument("--steps", type=int, default=300)
     training.add_argument("--meta-batch", type=int, default=8)
+    training.add_argument("--core", type=int, help="run both on this core, one after the other")
     args = parser.parse_args()
     if args.command == "gradient":
         gradient()
     else:
-        train(args.out, args.steps, args.meta_batch)
+        train(args.out, args.steps, args.meta_batch, args.core)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,10 @@ COMMON = [
 # MAML++'s schedules are lengths in steps (cosine over max_steps, multi-step-loss annealing, first order
 # until a step); its paper's 50,000 steps would leave all three at their start in a 20-minute run, so they
 # are scaled to the steps this budget reaches, in the paper's proportions (multi-step loss annealed over
-# the first 10%, second order from the middle). Measured: 5.1 s per first-order MAML++ step on one thread
-# (MAML: 1.3 s), so about 180 steps in 20 minutes once second-order steps cost more.
-MAMLPP_STEPS = 180
+# the first 10%, second order from the middle). Measured on one thread beside another run: 2.77 s per
+# MAML++ step on average over a first-order and second-order half (180 steps in 499 s), so about 430
+# steps in 20 minutes (MAML: 1.28 s per step).
+MAMLPP_STEPS = 430
 RECIPES: dict[str, dict] = {
     "maml": {"args": ["--config", "configs/omniglot_5w1s.yaml"], "label": "MAML"},
     "fomaml": {

@@ -242,16 +242,23 @@ class ReportToOptuna(Callback):
 def open_study(storage: str, name: str, direction: str, heartbeat: float, seed: int | None) -> optuna.Study:
     """The sweep's study, created by the first worker and joined by the others. Heartbeats let any worker
     fail (and retry once) the trials of a worker that was killed."""
-    rdb = optuna.storages.RDBStorage(
-        storage,
-        heartbeat_interval=max(1, round(heartbeat)),
-        grace_period=max(2, round(3 * heartbeat)),
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-    )
     sampler = optuna.samplers.TPESampler(seed=seed)
-    return optuna.create_study(
-        study_name=name, storage=rdb, direction=direction, sampler=sampler, load_if_exists=True
-    )
+    for attempt in range(5):
+        try:
+            rdb = optuna.storages.RDBStorage(
+                storage,
+                heartbeat_interval=max(1, round(heartbeat)),
+                grace_period=max(2, round(3 * heartbeat)),
+                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+            )
+            return optuna.create_study(
+                study_name=name, storage=rdb, direction=direction, sampler=sampler, load_if_exists=True
+            )
+        except Exception:  # two workers creating one new database at once: the loser retries, then joins
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
 
 
 def point_of(trial: optuna.trial.FrozenTrial) -> str:
@@ -272,13 +279,20 @@ def enqueue_grid(study: optuna.Study, combos: list[dict[str, str]]) -> int:
 def owner_of_point(study: optuna.Study, trial: optuna.Trial) -> int:
     """The number of the trial that runs this trial's grid point: the lowest-numbered one, among those not
     failed, holding it. Two workers that enqueued the same point at once thus agree on one runner."""
-    point = point_of(study._storage.get_trial(trial._trial_id))
+    point = point_of(stored_trial(study, trial._trial_id))
     live = [
         t.number
         for t in study.get_trials(deepcopy=False)
         if t.state != optuna.trial.TrialState.FAIL and point_of(t) == point
     ]
     return min(live, default=trial.number)
+
+
+def stored_trial(study: optuna.Study, trial_id: int) -> optuna.trial.FrozenTrial:
+    """The trial as the database holds it now: what another process wrote too (Optuna's cache in front
+    of the database may hold an older copy of a trial this process owns)."""
+    storage = study._storage
+    return getattr(storage, "_backend", storage).get_trial(trial_id)
 
 
 def _die_with_parent() -> None:
@@ -333,11 +347,7 @@ def table(rows: list[dict[str, object]]) -> str:
 
 def summary_rows(study: optuna.Study, names: dict[str, str]) -> list[dict[str, object]]:
     """One row per trial of the study (every worker's, from the storage), duplicates left out."""
-    trials = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if DUPLICATE_OF not in t.user_attrs and t.state.is_finished()
-    ]
+    trials = [t for t in study.get_trials(deepcopy=False) if DUPLICATE_OF not in t.user_attrs]
     tags = sorted({tag for t in trials for tag in t.user_attrs.get("metrics", {})})
     return [
         {
@@ -473,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep {name}: search of {args.trials} trials -> {sweep_dir}; study in {storage}", flush=True)
         distributions = dict(search)
     patterns = args.metrics or ["val/*", "test/*"]
-    lock = threading.Lock()
+    lock = threading.RLock()  # next_trial calls itself after skipping a duplicate
     State = optuna.trial.TrialState
 
     def next_trial() -> optuna.Trial | None:
@@ -485,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             if search and sum(DUPLICATE_OF not in t.user_attrs for t in trials) >= args.trials:
                 return None
             trial = study.ask(distributions)
-            frozen = study._storage.get_trial(trial._trial_id)
+            frozen = stored_trial(study, trial._trial_id)
             if grid and "fixed_params" not in frozen.system_attrs:  # another worker took the last point
                 trial.set_user_attr(DUPLICATE_OF, -1)
                 study.tell(trial, state=State.FAIL)
@@ -519,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
             }.items():
                 trial.set_user_attr(key, value)
             output = os.path.join(log_dir, "output.log")
-            pruned_at = study._storage.get_trial(trial._trial_id).user_attrs.get(PRUNED_AT)
+            pruned_at = stored_trial(study, trial._trial_id).user_attrs.get(PRUNED_AT)  # set by the run
             if code == 0 and pruned_at is not None:
                 study.tell(trial, state=State.PRUNED)
                 status = f"pruned at step {pruned_at}"
@@ -555,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     states = [row["state"] for row in rows]
-    counts = ", ".join(f"{states.count(s)} {s}" for s in ("complete", "pruned", "fail") if s in states)
+    counts = ", ".join(
+        f"{states.count(s)} {s}" for s in ("complete", "pruned", "fail", "running", "waiting") if s in states
+    )
     print(f"\n{table(rows)}\n\n{counts}; summary in {csv_path}")
     if search and any(s == "complete" for s in states):
         best = study.best_trial

@@ -51,15 +51,16 @@ def test_tensorboard_gets_the_resolved_config_as_text(tmp_path, monkeypatch):
     events.Reload()
     (text,) = [e for e in events.Tensors("config/text_summary")]
     config = text.tensor_proto.string_val[0].decode()
-    assert "inner_lr: 0.0123" in config and "class_path: fmaml.models.MLP" in config
+    assert "inner_lr: 0.0123" in config and "class_path: fmaml.MLP" in config
 
 
 def test_wandb_offline_writes_a_run_beside_tensorboard(tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="wandb is an optional extra (in the dev group)")
+    wandb = pytest.importorskip("wandb", reason="wandb is an optional extra (in the dev group)")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     main(["fit", *SINUSOID, *logger_config("wandb"), "--model.inner_lr=0.0123"])
+    wandb.finish()  # flush and close the run, as the end of a script does
     (run,) = glob.glob(str(tmp_path / "logs" / "wandb" / "offline-run-*"))
     (log,) = glob.glob(os.path.join(run, "run-*.wandb"))
     written = open(log, "rb").read()

@@ -14,7 +14,7 @@ from fixtures import write_omniglot_zips
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The notebook's settings, made tiny; each must appear in the README's cells exactly as on the left.
 TINY = {
-    'FMAML = "fmaml"': "FMAML = {repo!r}",
+    'FMAML = "./fmaml"': "FMAML = {repo!r}",
     "ZIPS = None": "ZIPS = {zips!r}",
     "STEPS, FILTERS = 200, 64": "STEPS, FILTERS = 2, 4",
     "TEST_TASKS = 600": "TEST_TASKS = 6",

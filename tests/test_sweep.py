@@ -150,8 +150,8 @@ def test_two_workers_on_one_storage_run_each_grid_point_once(tmp_path):
         (a, b) for a in ("1", "2") for b in ("0.01", "0.02")
     )
     assert all(t.value == t.user_attrs["metrics"]["val/loss"] for t in complete)
-    # Both workers ran something, and each printed the whole study's summary at the end.
-    assert all("4 complete" in out for out in outputs), outputs
+    # The worker that finished last printed the whole study, read from the storage.
+    assert any("4 complete" in out for out in outputs), outputs
 
 
 @pytest.mark.slow
@@ -246,10 +246,11 @@ def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(tmp_path)
     deadline = time.time() + 120
     while time.time() < deadline:
         time.sleep(0.5)
-        if os.path.exists(tmp_path / "sweeps/s/optuna.db") and any(
-            t.state == optuna.trial.TrialState.RUNNING for t in study(tmp_path).trials
-        ):
-            break
+        try:
+            if any(t.state == optuna.trial.TrialState.RUNNING for t in study(tmp_path).trials):
+                break
+        except KeyError:  # the database or the study is not created yet
+            pass
     time.sleep(2)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
