@@ -139,6 +139,11 @@ class SaveRunConfig(SaveConfigCallback):
     """Saves the config as config.yaml in the log folder (config-N.yaml if one is there) and in checkpoints."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if not trainer.loggers:
+            # No logger, no run folder: Lightning would write config.yaml into the working directory
+            # (and a resume there config-1.yaml, ...); the config still goes into checkpoints.
+            self.already_saved = True
+            return None
         log_dir = None if self.already_saved else trainer.log_dir  # a collective call: on every process
         if log_dir is None:
             return super().setup(trainer, pl_module, stage)
