@@ -104,10 +104,11 @@ def test_sigterm_saves_the_final_step(monkeypatch):
 
 def test_ctrl_c_stops_after_the_meta_step_and_saves_it(monkeypatch, capsys):
     stop_at(monkeypatch, 7, lambda module: os.kill(os.getpid(), signal.SIGINT))
+    sigint_before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a pytest-xdist worker
     cli = main([*FIT, "--trainer.max_steps=20"])
     assert cli.trainer.global_step == 7
     assert_holds(last_ckpt(), cli.model, 7)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after the fit
+    assert signal.getsignal(signal.SIGINT) is sigint_before  # put back after the fit
 
 
 # ------------------------------------------------------------------ 2. resume the right run

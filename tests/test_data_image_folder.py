@@ -87,7 +87,9 @@ def test_bad_folders_fail_with_clear_errors(tmp_path):
         ImageFolder(str(tmp_path / "empty_class")).splits()
     write_folder(tmp_path / "mixed", [3] * 5)
     write_folder(tmp_path / "mixed", [3] * 5, mode="RGB", first=5)
-    with pytest.raises(ValueError, match=r"mixes image modes: (L|RGB) .* and (L|RGB) .*set data.dataset.channels"):
+    with pytest.raises(
+        ValueError, match=r"mixes image modes: (L|RGB) .* and (L|RGB) .*set data.dataset.channels"
+    ):
         ImageFolder(str(tmp_path / "mixed")).input_shape  # noqa: B018
     assert ImageFolder(str(tmp_path / "mixed"), channels=3).input_shape[0] == 3  # converting is the fix
     for split in ("train", "test"):

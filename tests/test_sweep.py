@@ -249,7 +249,7 @@ def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(tmp_path)
         try:
             if any(t.state == optuna.trial.TrialState.RUNNING for t in study(tmp_path).trials):
                 break
-        except KeyError:  # the database or the study is not created yet
+        except Exception:  # the database, its folder or the study is not created yet
             pass
     time.sleep(2)
     worker.send_signal(signal.SIGKILL)

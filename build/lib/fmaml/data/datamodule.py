@@ -1,0 +1,310 @@
+"""MetaDataModule: few-shot tasks of a dataset spec, as a LightningDataModule.
+
+Batches are ``{"support": (x, y), "query": (x, y)}``; shapes in fmaml.data.tasks. Training tasks are
+random, and meta-batch i is a pure function of (global seed, process rank, i), where i is the trainer's
+global step: a fit resumed from a checkpoint sees exactly the tasks an uninterrupted one would have
+seen (the loader is effectively endless: bound training with max_steps). Validation and test use
+`num_val_tasks` / `num_test_tasks` fixed tasks drawn from `seed`, identical in every epoch, process
+and run.
+
+Under DDP each process gets its share of every meta-batch (`meta_batch_size / world size` tasks, drawn
+with its rank) and of the validation/test tasks; Lightning's distributed sampler must be off
+(``Trainer(use_distributed_sampler=False)``, the CLI's default).
+
+Training tasks come from one of two samplers (`sampler`): torchmeta's, image by image in Python
+(fmaml.data.tasks), or fmaml.data.tensor_tasks, whole meta-batches as tensor ops on the training device.
+Both draw the same task distribution; validation and test always use the torchmeta tasks.
+"""
+
+from __future__ import annotations
+
+# torchmeta can be imported directly here: fmaml/data/__init__.py has applied torchmeta_compat first.
+import os
+import warnings
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import Subset
+from torchmeta.transforms import ClassSplitter
+
+from fmaml.data.specs import SPLIT_NAMES, DatasetSpec, Omniglot, Sinusoid
+from fmaml.data.tasks import FixedTasks, fixed_task_loader, random_task_loader
+from fmaml.data.tensor_tasks import InMemoryEpisodes, SinusoidEpisodes, tensor_task_loader
+
+ROOT_ENV = "FMAML_DATA_ROOT"
+SAMPLERS = ("auto", "tensor", "torchmeta")
+
+
+def resolve_root(root: str | None) -> str:
+    """--data.root if given, else $FMAML_DATA_ROOT, else ./data; as an absolute path."""
+    return os.path.abspath(os.path.expanduser(root or os.environ.get(ROOT_ENV) or "data"))
+
+
+class MetaDataModule(L.LightningDataModule):
+    """Few-shot tasks for meta-training (random), meta-validation and meta-test (fixed).
+
+    Args:
+        dataset: the dataset spec (fmaml.data.Omniglot, MiniImageNet, Sinusoid, TorchmetaDataset).
+        ways: classes per task (classification; not used for regression).
+        shots: support examples per class (regression: support points per task).
+        query_shots: query examples per class (regression: query points per task).
+        meta_batch_size: tasks per meta-batch, in total over all DDP processes.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        root: data folder; default $FMAML_DATA_ROOT, else ./data.
+        num_val_tasks, num_test_tasks: number of fixed meta-validation / meta-test tasks.
+        seed: seed of the fixed validation/test tasks (training tasks follow the global seed, which
+            lightning.seed_everything exports as PL_GLOBAL_SEED; a resumed fit keeps its checkpoint's).
+        sampler: how training tasks are drawn. "tensor": whole meta-batches as tensor ops on the trainer's
+            device, in the main process whatever num_workers (fmaml.data.tensor_tasks; the Sinusoid, or a
+            classification dataset read once into memory: Omniglot takes 16 MB and a few seconds to load).
+            "torchmeta": task by task through torchmeta (any dataset; uses num_workers). "auto": "tensor"
+            for Omniglot and the Sinusoid, else "torchmeta". Both give the same task distribution, not the
+            same tasks; validation and test tasks are torchmeta's fixed ones either way.
+
+    Attributes for argument linking (valid right after __init__): ``num_outputs`` (ways, or 1 for
+    regression), ``loss`` ("cross_entropy" or "mse"), ``in_channels`` and ``input_shape``.
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetSpec,
+        ways: int = 5,
+        shots: int = 5,
+        query_shots: int = 15,
+        meta_batch_size: int = 32,
+        num_workers: int = 0,
+        root: str | None = None,
+        num_val_tasks: int = 100,
+        num_test_tasks: int = 600,
+        seed: int = 0,
+        sampler: Literal["auto", "tensor", "torchmeta"] = "auto",
+    ):
+        super().__init__()
+        if not isinstance(dataset, DatasetSpec):
+            raise TypeError(
+                f"data.dataset must be a fmaml.data dataset spec (Omniglot, MiniImageNet, Sinusoid, "
+                f"TorchmetaDataset), got {dataset!r}"
+            )
+        for name, value in [
+            ("ways", ways),
+            ("shots", shots),
+            ("query_shots", query_shots),
+            ("meta_batch_size", meta_batch_size),
+            ("num_val_tasks", num_val_tasks),
+            ("num_test_tasks", num_test_tasks),
+        ]:
+            if not _is_int(value) or value < 1:
+                raise ValueError(
+                    f"data.{name}={value!r} must be a positive integer; set --data.{name} to 1 or more"
+                )
+        if not _is_int(num_workers) or num_workers < 0:
+            raise ValueError(
+                f"data.num_workers={num_workers!r} must be an integer >= 0 (0 loads in the main process); "
+                "set --data.num_workers to 0 or more"
+            )
+        if not _is_int(seed):
+            raise ValueError(f"data.seed={seed!r} must be an integer; set --data.seed to e.g. 0")
+        if dataset.samples_per_class is not None and shots + query_shots > dataset.samples_per_class:
+            raise ValueError(_too_few_samples(dataset.name, shots, query_shots, dataset.samples_per_class))
+        self.sampler = _resolve_sampler(sampler, dataset)
+
+        self.dataset = dataset
+        self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        self.meta_batch_size, self.num_workers = meta_batch_size, num_workers
+        self.root = resolve_root(root)
+        self.num_val_tasks, self.num_test_tasks, self.seed = num_val_tasks, num_test_tasks, seed
+        self.save_hyperparameters(ignore=["dataset"])
+        self._metadatasets: dict[str, object] = {}
+        self._train_seed: int | None = None  # fixed at the first train_dataloader, or by a checkpoint
+        self._episodes: InMemoryEpisodes | SinusoidEpisodes | None = None  # the tensor sampler's data
+
+    # --- attributes for argument linking -------------------------------------------------------------
+    @property
+    def task_type(self) -> str:
+        return self.dataset.task_type
+
+    @property
+    def num_outputs(self) -> int:
+        return self.ways if self.task_type == "classification" else 1
+
+    @property
+    def loss(self) -> str:
+        return "cross_entropy" if self.task_type == "classification" else "mse"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.dataset.input_shape)
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_shape[0]
+
+    # --- Lightning hooks -----------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Download/convert files once (e.g. the Omniglot zips -> data.hdf5)."""
+        self.dataset.prepare(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
+        for split in splits.get(stage, ["train", "val", "test"]):
+            if split not in self._metadatasets:
+                self._metadatasets[split] = self._build(split)
+        if stage in ("fit", None):
+            self._share(self.meta_batch_size, "meta_batch_size")  # under DDP: fail now, not after validation
+
+    def train_dataloader(self):
+        rank, world_size = self._process()
+        batch_size = self._share(self.meta_batch_size, "meta_batch_size")
+        if self.sampler == "tensor":
+            # Sampling on the device in the main process is the point: workers would only add copies.
+            warnings.filterwarnings("ignore", message="The 'train_dataloader' does not have many workers")
+            return tensor_task_loader(
+                self._tensor_episodes(), batch_size, self._stream_seed(), rank, world_size, self._global_step
+            )
+        return random_task_loader(
+            self._get("train"),
+            batch_size,
+            self.num_workers,
+            self._stream_seed(),
+            rank,
+            world_size,
+            position=self._global_step,
+        )
+
+    def val_dataloader(self):
+        tasks = FixedTasks(self._get("val"), self.num_val_tasks, self.seed, "val")
+        return fixed_task_loader(self._shard(tasks, "num_val_tasks"), self._batch_size(), self.num_workers)
+
+    def test_dataloader(self):
+        tasks = FixedTasks(self._get("test"), self.num_test_tasks, self.seed, "test")
+        return fixed_task_loader(self._shard(tasks, "num_test_tasks"), self._batch_size(), self.num_workers)
+
+    def state_dict(self) -> dict:
+        # Saved in checkpoints: a resumed fit continues the same task stream even if the global seed differs.
+        return {"train_seed": self._train_seed} if self._train_seed is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Lightning calls this when restoring a checkpoint, before it asks for the train dataloader.
+        self._train_seed = state_dict.get("train_seed", self._train_seed)
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _stream_seed(self) -> int:
+        if self._train_seed is None:
+            # The seed of lightning.seed_everything (the CLI's seed_everything), the same in every DDP
+            # process; without one, a random stream (from torch's RNG, as before).
+            seed = os.environ.get("PL_GLOBAL_SEED")
+            self._train_seed = int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        return self._train_seed
+
+    def _tensor_episodes(self) -> InMemoryEpisodes | SinusoidEpisodes:
+        """The tensor sampler's data on the training device (the trainer's root device, else the CPU),
+        loaded once."""
+        strategy = getattr(self.trainer, "strategy", None)
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
+        if self._episodes is None or self._episodes.device != device:
+            if isinstance(self.dataset, Sinusoid):
+                num_tasks = self.dataset.num_train_tasks
+                self._episodes = SinusoidEpisodes(self.shots, self.query_shots, device, num_tasks)
+            else:
+                self._episodes = InMemoryEpisodes.from_metadataset(
+                    self._get("train"), self.shots, self.query_shots, device
+                )
+        return self._episodes
+
+    def _global_step(self) -> int:
+        # Where the training stream (re)starts: one meta-step per batch, and Lightning restores the step
+        # before it iterates the train loader. Without a Trainer, from the start.
+        return self.trainer.global_step if self.trainer is not None else 0
+
+    def _process(self) -> tuple[int, int]:
+        """(global rank, world size) of this process; (0, 1) without a Trainer."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        if trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError(
+                "MetaDataModule gives each DDP process its own tasks: create the Trainer with "
+                "use_distributed_sampler=False (the fmaml CLI's default; --trainer.use_distributed_sampler=false)"
+            )
+        return trainer.global_rank, trainer.world_size
+
+    def _share(self, total: int, name: str) -> int:
+        _, world_size = self._process()
+        if total % world_size:
+            raise ValueError(
+                f"data.{name}={total} must be a multiple of the {world_size} DDP processes, which share each "
+                f"meta-batch; set --data.{name} to e.g. {world_size * max(1, total // world_size)}"
+            )
+        return total // world_size
+
+    def _batch_size(self) -> int:
+        # Evaluation batches only bound memory: no need for the meta-batch to divide evenly.
+        return max(1, self.meta_batch_size // self._process()[1])
+
+    def _shard(self, tasks: FixedTasks, name: str):
+        """This process's fixed tasks: every world_size-th, from its rank (uneven shares are fine)."""
+        rank, world_size = self._process()
+        if world_size == 1:
+            return tasks
+        if len(tasks) < world_size:
+            raise ValueError(
+                f"data.{name}={len(tasks)} is fewer than the {world_size} DDP processes; set --data.{name} "
+                f"to {world_size} or more"
+            )
+        return Subset(tasks, range(rank, len(tasks), world_size))
+
+    def _get(self, split: str):
+        if split not in self._metadatasets:
+            self.prepare_data()  # used without a Trainer: prepare on demand (no-op when done)
+            self._metadatasets[split] = self._build(split)
+        return self._metadatasets[split]
+
+    def _build(self, split: str):
+        """Check the split against ways/shots (from file metadata only), then build its meta-dataset."""
+        num_classes, fewest = self.dataset.split_stats(self.root, split)
+        where = f"the {SPLIT_NAMES[split]} split of {self.dataset.name}"
+        if self.task_type == "classification" and self.ways > num_classes:
+            raise ValueError(
+                f"data.ways={self.ways} is larger than the {num_classes} classes in {where}; lower --data.ways"
+            )
+        if self.shots + self.query_shots > fewest:
+            smallest = getattr(self.dataset, "smallest_class", None)
+            where += f" (the smallest class: {smallest(split)})" if smallest else ""
+            raise ValueError(_too_few_samples(where, self.shots, self.query_shots, fewest))
+        splitter = ClassSplitter(
+            shuffle=True, num_train_per_class=self.shots, num_test_per_class=self.query_shots
+        )
+        return self.dataset.build(self.root, split, self.ways, self.shots, self.query_shots, splitter)
+
+
+def _resolve_sampler(sampler: str, dataset: DatasetSpec) -> str:
+    """What `sampler` means for `dataset` ("tensor" or "torchmeta"), or a clear error."""
+    if sampler not in SAMPLERS:
+        raise ValueError(
+            f"data.sampler={sampler!r} is not one of {', '.join(SAMPLERS)}; set --data.sampler=auto (tensor "
+            "where supported), tensor or torchmeta"
+        )
+    # The tensor sampler knows one regression task family (the sinusoid); any classification dataset
+    # whose classes fit in memory works, but only Omniglot is chosen automatically.
+    supported = isinstance(dataset, Sinusoid) or dataset.task_type == "classification"
+    if sampler == "tensor" and not supported:
+        raise ValueError(
+            f"data.sampler=tensor does not support {dataset.name} (regression tasks other than the "
+            "Sinusoid); set --data.sampler=torchmeta or auto"
+        )
+    if sampler == "auto":
+        return "tensor" if isinstance(dataset, (Omniglot, Sinusoid)) else "torchmeta"
+    return sampler
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _too_few_samples(where: str, shots: int, query_shots: int, available: int) -> str:
+    return (
+        f"data.shots + data.query_shots = {shots} + {query_shots} = {shots + query_shots} is more than the "
+        f"{available} examples per class in {where}; lower --data.shots or --data.query_shots"
+    )

@@ -1,0 +1,82 @@
+"""The networks of the MAML paper, as plain nn.Modules (any nn.Module works with the engine).
+
+The first positional argument of each is its number of outputs, so that a config can give the rest
+(`network: {class_path: fmaml.models.ConvNet, init_args: {filters: 32}}`) while the data decides the
+outputs (the number of ways).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor, nn
+
+
+def _conv_block(in_channels: int, filters: int, pooling: Literal["max", "stride"]) -> nn.Sequential:
+    # BatchNorm uses batch statistics at train and test time alike, as in MAML; tracking running stats
+    # would be state updated in place during adaptation, which neither the math nor vmap allows.
+    stride = 2 if pooling == "stride" else 1
+    layers = [
+        nn.Conv2d(in_channels, filters, kernel_size=3, stride=stride, padding=1),
+        nn.BatchNorm2d(filters, track_running_stats=False),
+        nn.ReLU(),
+    ]
+    if pooling == "max":
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class ConvNet(nn.Module):
+    """The MAML 4-block CNN: 4 x [conv3x3, BatchNorm, ReLU, max-pool or stride 2], then a linear head.
+
+    Input [batch, in_channels, image_size, image_size] -> logits [batch, ways].
+    The paper uses 64 filters with stride 2 on Omniglot (28x28) and 32 filters with max-pool on
+    MiniImageNet (84x84).
+    """
+
+    def __init__(
+        self,
+        ways: int,
+        in_channels: int = 1,
+        filters: int = 64,
+        image_size: int = 28,
+        pooling: Literal["max", "stride"] = "stride",
+    ):
+        super().__init__()
+        for name, value in (("ways", ways), ("in_channels", in_channels), ("filters", filters)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ConvNet {name}={value!r} must be an integer >= 1")
+        if pooling not in ("max", "stride"):
+            raise ValueError(f"ConvNet pooling={pooling!r} must be 'max' or 'stride'")
+        size = image_size
+        for _ in range(4):  # both conv stride 2 (padding 1) and max-pool 2 map n -> ceil(n/2) or floor(n/2)
+            size = (size + 1) // 2 if pooling == "stride" else size // 2
+        if size < 1:
+            raise ValueError(f"ConvNet image_size={image_size} is too small for 4 halvings: use >= 16")
+        self.features = nn.Sequential(
+            *(_conv_block(in_channels if i == 0 else filters, filters, pooling) for i in range(4))
+        )
+        self.head = nn.Linear(filters * size * size, ways)
+        self.input_shape = (in_channels, image_size, image_size)  # checked against the data by the CLI
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class MLP(nn.Module):
+    """The sinusoid regressor of the paper: in -> 40 -> 40 -> out, with ReLU.
+
+    Input [batch, in_features] -> [batch, outputs].
+    """
+
+    def __init__(self, outputs: int = 1, in_features: int = 1, hidden: tuple[int, ...] = (40, 40)):
+        super().__init__()
+        sizes = (in_features, *hidden)
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.layers = nn.Sequential(*layers, nn.Linear(sizes[-1], outputs))
+        self.input_shape = (in_features,)  # checked against the data by the CLI
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)

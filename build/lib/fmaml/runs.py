@@ -1,0 +1,152 @@
+"""The run behind a checkpoint: finding the newest one to resume, and what a command may change of it.
+
+Every checkpoint carries the config of the command that wrote it (fmaml.callbacks.SaveRunConfig; older
+ones fall back to the config.yaml of their log folder). Before a resume or an evaluation, the command's
+settings are compared with it, key by key, so that nothing is silently replaced:
+- a resumed `fit` must keep everything that defines what is trained (`defines_training`): the network,
+  the inner loop, the meta-optimizer and its scheduler, the tasks. What only changes how training goes on
+  (max_steps, max_time, logging, checkpoint intervals, workers, the execution strategy) may change;
+- `test`/`validate` run with the command's settings (inner steps and rates, strategy, tasks, shots), and
+  print those that differ from the checkpoint's run; only a different network is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+
+import torch
+import yaml
+
+from fmaml.callbacks import RUN_KEY
+
+# Settings that change how a model is run or evaluated, never what is trained.
+EXECUTION_ONLY = (
+    "model.eval_inner_steps",
+    "model.eval_inner_lr",
+    "model.strategy",
+    "model.memory",
+    "model.auto_memory_share",
+    "model.compile",
+    "model.per_task_csv",
+    "data.num_workers",
+    "data.root",
+    "data.num_val_tasks",
+    "data.num_test_tasks",
+    "data.seed",
+)
+# The checkpoint's tensors are these settings' network: an evaluation cannot change them.
+NETWORK = ("model.network", "model.learn_inner_lr", "data.ways")
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    """{"model": {"network": {"init_args": {"filters": 64}}}} -> {"model.network.init_args.filters": 64}."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def defines_training(key: str) -> bool:
+    """Whether a resumed fit must keep this setting: the model (network, inner loop, optimizer, scheduler)
+    and the tasks, but not what only changes evaluation or execution."""
+    return _under(key, ("model", "data")) and not _under(key, EXECUTION_ONLY)
+
+
+def defines_network(key: str) -> bool:
+    return _under(key, NETWORK)
+
+
+def run_config(ckpt_path: str) -> tuple[dict | None, str]:
+    """The config that trained `ckpt_path` (flattened), and where it was read: the checkpoint's own copy,
+    else its log folder's config.yaml (checkpoints written before fmaml stored it), else (None, reason)."""
+    run = _stored_run(ckpt_path)
+    if run is not None:
+        return flatten(run["config"]), f"the config stored in {ckpt_path}"
+    saved = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), "config.yaml")
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            return flatten(yaml.safe_load(f)), saved
+    return None, f"{ckpt_path} stores no config and has no config.yaml two folders up"
+
+
+def differences(command: dict, run: dict, keep) -> list[tuple[str, object, object]]:
+    """(key, command's value, run's value) for every key where `keep(key)` and the two differ."""
+    keys = sorted(k for k in command.keys() | run.keys() if keep(k))
+    return [(k, command.get(k), run.get(k)) for k in keys if command.get(k) != run.get(k)]
+
+
+def describe(diffs: list[tuple[str, object, object]]) -> str:
+    return "\n".join(f"  {key}: {mine!r} here, {theirs!r} in the run" for key, mine, theirs in diffs)
+
+
+def newest_last_checkpoint(
+    save_dir: str | None, name: str | None, dirpath: str | None
+) -> tuple[str, str | None]:
+    """The last.ckpt that `--ckpt_path last` resumes, and the logger version whose curves it continues.
+
+    With `--checkpoint.dirpath` that folder's last.ckpt (its version is the log folder stored in the
+    checkpoint, when that is under the same save_dir and name); otherwise the newest
+    `<save_dir>/<name>/version_*/checkpoints/last.ckpt`: the newest run *of this logger name*.
+    """
+    if dirpath is not None:
+        path = os.path.join(dirpath, "last.ckpt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"--ckpt_path=last: no last.ckpt in --checkpoint.dirpath={dirpath}. Start a fit without "
+                "--ckpt_path first, or give the path of a .ckpt."
+            )
+        return path, _logged_version(path, save_dir, name)
+    if save_dir is None:
+        raise ValueError(
+            "--ckpt_path=last needs a logger with a save_dir (the default TensorBoard logger) or "
+            "--checkpoint.dirpath; give the checkpoint's path instead"
+        )
+    pattern = os.path.join(save_dir, name or "", "version_*", "checkpoints", "last.ckpt")
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not found:
+        raise FileNotFoundError(
+            f"--ckpt_path=last: no checkpoint matches {pattern} (the runs of logger name {name!r}). Start a "
+            "fit without --ckpt_path first, set --trainer.logger.init_args.name to the run's, or give the "
+            "path of a .ckpt."
+        )
+    return found[-1], os.path.basename(os.path.dirname(os.path.dirname(found[-1])))
+
+
+def check_fresh_checkpoint_folder(dirpath: str | None) -> None:
+    """A new fit must not write into a `--checkpoint.dirpath` that holds another run's last.ckpt."""
+    if dirpath is not None and os.path.isfile(os.path.join(dirpath, "last.ckpt")):
+        raise FileExistsError(
+            f"--checkpoint.dirpath={dirpath} already holds another run's last.ckpt: resume that run with "
+            "--ckpt_path last, or give this run a folder of its own"
+        )
+
+
+def _stored_run(ckpt_path: str) -> dict | None:
+    # Start-up asks twice (the version to log into, then the settings): read the file once.
+    return _load_run(os.path.abspath(ckpt_path), os.path.getmtime(ckpt_path))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_run(path: str, mtime: float) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False).get(RUN_KEY)
+
+
+def _logged_version(ckpt_path: str, save_dir: str | None, name: str | None) -> str | None:
+    """The version folder the checkpoint's run logged into, if it is one of <save_dir>/<name>/."""
+    run = _stored_run(ckpt_path)
+    if run is None or run.get("log_dir") is None or save_dir is None:
+        return None
+    log_dir = os.path.abspath(run["log_dir"])
+    if os.path.dirname(log_dir) != os.path.abspath(os.path.join(save_dir, name or "")):
+        return None
+    return os.path.basename(log_dir)

@@ -1,0 +1,583 @@
+"""Sweeps on Optuna: a grid, or a search, of `python -m fmaml` runs, one process per trial, coordinated by
+an Optuna study in a database, so that several workers (threads here, processes on other machines) share
+one sweep.
+
+    python -m fmaml.sweep [fit|validate|test] --grid model.inner_steps=1,5,10 [--grid model.inner_lr=0.01,0.1] \\
+        --config configs/sinusoid.yaml [any other python -m fmaml arguments ...]
+    python -m fmaml.sweep --search model.inner_lr=log:0.01:1 --search model.inner_steps=int:1:5 --trials 20 \\
+        --metric val/loss --direction minimize --config configs/sinusoid.yaml
+
+- ``--grid KEY=V1,V2,...`` (repeatable): the values of one parameter, KEY as on fmaml's command line
+  without the dashes. The sweep runs the Cartesian product of all grids, each point exactly once, whatever
+  the number of workers: every point is enqueued in the study once, and a worker that takes a point
+  another one already took skips it. Commas inside brackets do not split
+  (``model.network.init_args.hidden=[40,40],[64,64]`` is two values).
+- ``--search KEY=KIND:...`` (repeatable): sample KEY with Optuna's TPE sampler: ``log:LOW:HIGH`` (float,
+  log scale), ``float:LOW:HIGH``, ``int:LOW:HIGH``, ``choice:A,B,C``. ``--trials N`` trials in all, counted
+  over every worker of the study. The objective is the last logged value of ``--metric`` (default
+  ``val/loss``), ``--direction minimize`` (default) or ``maximize``.
+- Every other argument goes unchanged to each run; the subcommand is ``fit`` unless given first.
+- Storage: by default an SQLite file beside the sweep's logs (``<save-dir>/sweeps/<name>/optuna.db``,
+  nothing to start). ``--storage URL`` takes any database URL SQLAlchemy knows (``postgresql://user:pw@host/
+  db``, ``mysql+pymysql://...``): start ``python -m fmaml.sweep`` with the same ``--name``, ``--storage``
+  and arguments on as many machines as you like, and they share one study. ``--workers N`` runs N trials
+  at once on this machine. Running the same command again resumes the sweep.
+- ``--prune``: Optuna's median pruner stops a trial whose ``--metric`` is behind the median of earlier
+  trials at the same ``global_step`` (reported after every validation; fmaml trains in one endless epoch,
+  so reporting by epoch would see one step). A pruned trial stops at that step, keeps its checkpoint, and
+  is recorded as pruned.
+- A trial that fails (exit code other than 0) is recorded as failed with the end of its output, reported,
+  and the sweep goes on. A worker killed mid-trial (its run dies with it) stops sending heartbeats; when
+  any worker of the study next looks (at start and before each trial), the trial is marked failed and
+  retried once as a new trial, so nothing stays RUNNING.
+- Each trial logs to ``<save-dir>/sweeps/<name>/<number>-<values>``: its own TensorBoard version, and its
+  console output in ``output.log`` there. At the end: a table of every trial of the study (read from the
+  storage, so it covers every worker on every machine): values, state, objective, the last value of each
+  metric matching ``--metrics`` (default ``val/*`` and ``test/*``), wall time and log dir; also written
+  as ``summary.csv`` in the sweep's folder; searches also print the best trial. ``--dry-run`` prints the
+  commands and runs nothing. Plots: ``optuna-dashboard sqlite:///logs/sweeps/<name>/optuna.db``
+  (``pip install optuna-dashboard``), or ``tensorboard --logdir logs/sweeps/<name>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import fnmatch
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import optuna
+from lightning.pytorch.callbacks import Callback
+
+from fmaml.curves import read_scalars
+
+SUBCOMMANDS = ("fit", "validate", "test")
+KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+UNSAFE = re.compile(r"[^\w.+-]")  # characters kept out of the values in version folder names
+Grid = list[tuple[str, list[str]]]  # (parameter, its values), in command-line order
+
+
+def split_values(text: str) -> list[str]:
+    """'1,[2,3],4' -> ['1', '[2,3]', '4']: split on commas outside brackets and braces."""
+    values, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    return [*values, text[start:]]
+
+
+def parse_grid(specs: list[str]) -> Grid:
+    """['model.inner_steps=1,5'] -> [('model.inner_steps', ['1', '5'])]; ValueError on bad syntax."""
+    grid: Grid = []
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        key = key.strip().removeprefix("--")
+        example = "--grid model.inner_steps=1,5,10"
+        if not sep or not KEY.match(key):
+            raise ValueError(
+                f"--grid {spec!r}: expected KEY=V1,V2,... with a dotted parameter name, e.g. {example}"
+            )
+        values = [v.strip() for v in split_values(text)]
+        if not text.strip() or any(v == "" for v in values):
+            raise ValueError(
+                f"--grid {spec!r}: empty value in {text!r}; give comma-separated values, e.g. {example}"
+            )
+        if len(set(values)) < len(values):
+            raise ValueError(f"--grid {spec!r}: a value is repeated; give each value once")
+        if key in (k for k, _ in grid):
+            raise ValueError(f"--grid {key} is given twice; put all its values in one --grid {key}=V1,V2,...")
+        grid.append((key, values))
+    return grid
+
+
+def combinations(grid: Grid) -> list[dict[str, str]]:
+    """The Cartesian product of the grid, first parameter slowest: [{key: value, ...}, ...]."""
+    keys = [k for k, _ in grid]
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(v for _, v in grid))]
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Each key's last component (model.inner_steps -> inner_steps), or the whole key where those clash."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
+
+
+def version_names(combos: list[dict[str, str]], names: dict[str, str]) -> list[str]:
+    """One folder name per combination, e.g. 'inner_steps=5,inner_lr=0.1'; unique, file-system safe."""
+    versions: list[str] = []
+    for combo in combos:
+        # [40,40] -> 40_40: commas separate the parameters, slashes would make subfolders.
+        name = ",".join(f"{names[k]}={UNSAFE.sub('_', v.strip('[](){}'))}" for k, v in combo.items())
+        versions.append(name if name not in versions else f"{name}-{len(versions)}")
+    return versions
+
+
+Search = list[tuple[str, optuna.distributions.BaseDistribution]]  # (parameter, how to sample it)
+PRUNED_AT = "pruned_at_step"  # user attr a trial's run sets when the pruner stopped it
+DUPLICATE_OF = "duplicate_of"  # user attr of a trial skipped because another took its grid point
+
+
+def parse_search(specs: list[str]) -> Search:
+    """['model.inner_lr=log:0.01:1'] -> [('model.inner_lr', FloatDistribution(0.01, 1, log=True))]."""
+    example = "--search model.inner_lr=log:0.001:1 (or float:LOW:HIGH, int:LOW:HIGH, choice:A,B)"
+    search: Search = []
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        key = key.strip().removeprefix("--")
+        kind, _, rest = text.partition(":")
+        if not sep or not KEY.match(key) or kind not in ("log", "float", "int", "choice") or not rest:
+            raise ValueError(f"--search {spec!r}: expected KEY=KIND:..., e.g. {example}")
+        if kind == "choice":
+            choices = [v.strip() for v in split_values(rest)]
+            if any(c == "" for c in choices) or len(set(choices)) < len(choices):
+                raise ValueError(f"--search {spec!r}: give distinct, non-empty choices, e.g. choice:1,5,10")
+            search.append((key, optuna.distributions.CategoricalDistribution(choices)))
+            continue
+        bounds = rest.split(":")
+        number = int if kind == "int" else float
+        try:
+            low, high = (number(b) for b in bounds)
+        except ValueError:
+            raise ValueError(
+                f"--search {spec!r}: expected {kind}:LOW:HIGH with two {number.__name__}s, e.g. {example}"
+            ) from None
+        if not low < high or (kind == "log" and low <= 0):
+            raise ValueError(
+                f"--search {spec!r}: need LOW < HIGH{' and LOW > 0 on a log scale' if kind == 'log' else ''}"
+            )
+        if kind == "int":
+            search.append((key, optuna.distributions.IntDistribution(low, high)))
+        else:
+            search.append((key, optuna.distributions.FloatDistribution(low, high, log=kind == "log")))
+        if key in (k for k, _ in search[:-1]):
+            raise ValueError(f"--search {key} is given twice")
+    return search
+
+
+def trial_version(number: int, values: dict[str, str], names: dict[str, str]) -> str:
+    """The trial's folder name, e.g. '3-inner_steps=5,inner_lr=0.1'."""
+    return f"{number}-{version_names([values], names)[0]}"
+
+
+def as_text(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def command(
+    subcommand: str,
+    passthrough: list[str],
+    values: dict[str, str],
+    logger: dict[str, str],
+    report: dict | None = None,
+) -> list[str]:
+    """The `python -m fmaml` command of one trial; the sweep's settings come last, so they win. `report`:
+    the init_args of ReportToOptuna, which reports the metric to the trial (and prunes)."""
+    callback = {"class_path": "fmaml.sweep.ReportToOptuna", "init_args": report} if report else None
+    return [
+        sys.executable,
+        "-m",
+        "fmaml",
+        subcommand,
+        *passthrough,
+        *(f"--trainer.logger.init_args.{k}={v}" for k, v in logger.items()),
+        *(f"--{k}={v}" for k, v in values.items()),
+        *([f"--trainer.callbacks+={json.dumps(callback)}"] if callback else []),
+    ]
+
+
+class ReportToOptuna(Callback):
+    """Inside a trial's run: reports `metric` to its Optuna trial after every validation, by global_step
+    (fmaml trains in one endless epoch), and with `prune` stops the fit at a step boundary when the median
+    pruner says so, recording the step in the trial (the sweep then marks it pruned)."""
+
+    def __init__(
+        self,
+        storage: str,
+        study: str,
+        trial_id: int,
+        metric: str,
+        prune: bool = False,
+        startup_trials: int = 5,
+    ):
+        self.storage, self.study_name, self.trial_id = storage, study, trial_id
+        self.metric, self.prune, self.startup_trials = metric, prune, startup_trials
+        self._trial = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero:
+            pruner = optuna.pruners.MedianPruner(n_startup_trials=self.startup_trials)
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage, pruner=pruner)
+            self._trial = optuna.trial.Trial(study, self.trial_id)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        value = trainer.callback_metrics.get(self.metric)
+        if trainer.sanity_checking or self._trial is None or value is None:
+            return
+        self._trial.report(float(value), step=trainer.global_step)
+        if self.prune and self._trial.should_prune():
+            self._trial.set_user_attr(PRUNED_AT, trainer.global_step)
+            trainer.should_stop = True
+            print(
+                f"pruned at step {trainer.global_step}: {self.metric}={float(value):.4g} is behind the median"
+            )
+
+
+def open_study(storage: str, name: str, direction: str, heartbeat: float, seed: int | None) -> optuna.Study:
+    """The sweep's study, created by the first worker and joined by the others. Heartbeats let any worker
+    fail (and retry once) the trials of a worker that was killed."""
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    for attempt in range(5):
+        try:
+            rdb = optuna.storages.RDBStorage(
+                storage,
+                heartbeat_interval=max(1, round(heartbeat)),
+                grace_period=max(2, round(3 * heartbeat)),
+                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+            )
+            return optuna.create_study(
+                study_name=name, storage=rdb, direction=direction, sampler=sampler, load_if_exists=True
+            )
+        except Exception:  # two workers creating one new database at once: the loser retries, then joins
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
+
+
+def point_of(trial: optuna.trial.FrozenTrial) -> str:
+    """A trial's parameter values as one comparable key (an enqueued trial's, before it starts)."""
+    params = trial.params or trial.system_attrs.get("fixed_params", {})
+    return json.dumps({k: as_text(v) for k, v in params.items()}, sort_keys=True)
+
+
+def enqueue_grid(study: optuna.Study, combos: list[dict[str, str]]) -> int:
+    """Enqueue every grid point no live or finished trial holds (failed ones again); returns how many."""
+    taken = {point_of(t) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL}
+    missing = [c for c in combos if json.dumps(c, sort_keys=True) not in taken]
+    for combo in missing:
+        study.enqueue_trial(combo)
+    return len(missing)
+
+
+def owner_of_point(study: optuna.Study, trial: optuna.Trial) -> int:
+    """The number of the trial that runs this trial's grid point: the lowest-numbered one, among those not
+    failed, holding it. Two workers that enqueued the same point at once thus agree on one runner."""
+    point = point_of(stored_trial(study, trial._trial_id))
+    live = [
+        t.number
+        for t in study.get_trials(deepcopy=False)
+        if t.state != optuna.trial.TrialState.FAIL and point_of(t) == point
+    ]
+    return min(live, default=trial.number)
+
+
+def stored_trial(study: optuna.Study, trial_id: int) -> optuna.trial.FrozenTrial:
+    """The trial as the database holds it now: what another process wrote too (Optuna's cache in front
+    of the database may hold an older copy of a trial this process owns)."""
+    storage = study._storage
+    return getattr(storage, "_backend", storage).get_trial(trial_id)
+
+
+def _die_with_parent() -> None:
+    # A killed worker must not leave its run training on: the run gets SIGKILL when the worker dies.
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def run_trial(cmd: list[str], log_dir: str, storage, trial_id: int, heartbeat: float) -> tuple[int, float]:
+    """Run one trial's command, its output to <log_dir>/output.log, sending heartbeats meanwhile; returns
+    (exit code, wall seconds)."""
+    os.makedirs(log_dir, exist_ok=True)
+    start = time.perf_counter()
+    with open(os.path.join(log_dir, "output.log"), "w") as f:
+        f.write(shlex.join(cmd) + "\n\n")
+        f.flush()
+        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        while process.poll() is None:
+            storage.record_heartbeat(trial_id)
+            try:
+                process.wait(timeout=heartbeat)
+            except subprocess.TimeoutExpired:
+                pass
+    return process.returncode, time.perf_counter() - start
+
+
+def last_metrics(log_dir: str, patterns: list[str]) -> dict[str, float]:
+    """The last logged value of each scalar matching `patterns`; {} if the run wrote no event file."""
+    try:
+        curves = read_scalars(log_dir)
+    except FileNotFoundError:
+        return {}
+    return {
+        tag: points[-1][1]
+        for tag, points in sorted(curves.items())
+        if points and any(fnmatch.fnmatch(tag, p) for p in patterns)
+    }
+
+
+def tail(path: str, lines: int = 15) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    """Rows of equal keys -> an aligned text table (floats to 4 significant digits)."""
+    columns = list(rows[0])
+    cells = [[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = [columns, ["-" * w for w in widths], *cells]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
+
+
+def summary_rows(study: optuna.Study, names: dict[str, str]) -> list[dict[str, object]]:
+    """One row per trial of the study (every worker's, from the storage), duplicates left out."""
+    trials = [t for t in study.get_trials(deepcopy=False) if DUPLICATE_OF not in t.user_attrs]
+    tags = sorted({tag for t in trials for tag in t.user_attrs.get("metrics", {})})
+    return [
+        {
+            "trial": t.number,
+            **{
+                names.get(k, k): as_text(v)
+                for k, v in (t.params or t.system_attrs.get("fixed_params", {})).items()
+            },
+            "state": t.state.name.lower(),
+            "objective": t.value if t.value is not None else "",
+            **{tag: t.user_attrs.get("metrics", {}).get(tag, "") for tag in tags},
+            "wall_s": round(t.user_attrs.get("wall_s", 0.0), 1),
+            "log_dir": t.user_attrs.get("log_dir", ""),
+        }
+        for t in sorted(trials, key=lambda t: t.number)
+    ]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fmaml.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # never take a prefix of a fmaml argument for one of ours
+    )
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="values of one parameter")
+    p.add_argument(
+        "--search", action="append", default=[], metavar="KEY=KIND:...", help="a parameter to search"
+    )
+    p.add_argument("--trials", type=int, metavar="N", help="trials of a search, over all workers")
+    p.add_argument("--metric", default="val/loss", help="the objective: a logged scalar (default: val/loss)")
+    p.add_argument("--direction", choices=["minimize", "maximize"], default="minimize")
+    p.add_argument(
+        "--name", help="the sweep's folder under <save-dir>/sweeps and study name (default: date-time)"
+    )
+    p.add_argument("--save-dir", default="logs", help="TensorBoard save_dir of every run (default: logs)")
+    p.add_argument(
+        "--storage", help="database URL of the study (default: sqlite:///<sweep folder>/optuna.db)"
+    )
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="trials at once here (default: 1)")
+    p.add_argument(
+        "--prune", action="store_true", help="stop trials behind the median (Optuna's MedianPruner)"
+    )
+    p.add_argument(
+        "--prune-startup-trials", type=int, default=5, help="trials that run in full first (default: 5)"
+    )
+    p.add_argument("--heartbeat", type=float, default=30.0, help="seconds between a worker's heartbeats")
+    p.add_argument("--seed", type=int, help="the search sampler's seed")
+    p.add_argument(
+        "--metrics",
+        action="append",
+        metavar="PATTERN",
+        help="scalar tags (shell patterns) for the summary; repeatable (default: 'val/*' and 'test/*')",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    subcommand = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "fit"
+    p = parser()
+    args, passthrough = p.parse_known_args(argv)
+    try:
+        grid, search = parse_grid(args.grid), parse_search(args.search)
+    except ValueError as e:
+        p.error(str(e))
+    if bool(grid) == bool(search):
+        p.error(
+            "give --grid KEY=V1,V2 (every combination once) or --search KEY=KIND:... with --trials N, not both"
+        )
+    if search and (args.trials is None or args.trials < 1):
+        p.error(f"--search needs --trials N (N >= 1), the number of trials to run; got {args.trials}")
+    if grid and args.trials is not None:
+        p.error("--trials is for --search: a grid runs each of its combinations once")
+    if args.workers < 1:
+        p.error(f"--workers {args.workers}: must be 1 or more")
+    if not args.heartbeat > 0:
+        p.error(f"--heartbeat {args.heartbeat}: must be a positive number of seconds")
+    name = args.name or time.strftime("%Y%m%d-%H%M%S")
+    if not re.fullmatch(r"[\w-]+", name):
+        p.error(f"--name {name!r}: use letters, digits, '_' and '-' (it becomes a folder name)")
+    sweep_dir = os.path.join(args.save_dir, "sweeps", name)
+    storage = args.storage or f"sqlite:///{os.path.abspath(sweep_dir)}/optuna.db"
+    keys = [k for k, _ in grid] or [k for k, _ in search]
+    names = short_names(keys)
+    logger = {"save_dir": args.save_dir, "name": f"sweeps/{name}"}
+
+    combos = combinations(grid) if grid else []
+    if args.dry_run:
+        if grid:
+            for i, combo in enumerate(combos):
+                print(
+                    shlex.join(
+                        command(
+                            subcommand,
+                            passthrough,
+                            combo,
+                            {**logger, "version": trial_version(i, combo, names)},
+                        )
+                    )
+                )
+        else:
+            sampled = {k: "<sampled>" for k in keys}
+            print(shlex.join(command(subcommand, passthrough, sampled, {**logger, "version": "<trial>"})))
+        return 0
+
+    os.makedirs(sweep_dir, exist_ok=True)
+    study = open_study(storage, name, args.direction, args.heartbeat, args.seed)
+    settings = {
+        "subcommand": subcommand,
+        "grid": grid,
+        "search": args.search,
+        "metric": args.metric,
+        "arguments": passthrough,
+    }
+    if "settings" not in study.user_attrs:
+        study.set_user_attr("settings", settings)
+    elif study.user_attrs["settings"] != json.loads(json.dumps(settings)):
+        p.error(
+            f"study {name!r} in {storage} was started with other settings:\n  {study.user_attrs['settings']}\n"
+            f"this command: {settings}\nGive this sweep another --name, or the same arguments to resume it."
+        )
+    optuna.storages.fail_stale_trials(study)
+    if grid:
+        added = enqueue_grid(study, combos)
+        print(
+            f"sweep {name}: {len(combos)} combinations ({added} to run) -> {sweep_dir}; study in {storage}",
+            flush=True,
+        )
+        distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in grid}
+    else:
+        print(f"sweep {name}: search of {args.trials} trials -> {sweep_dir}; study in {storage}", flush=True)
+        distributions = dict(search)
+    patterns = args.metrics or ["val/*", "test/*"]
+    lock = threading.RLock()  # next_trial calls itself after skipping a duplicate
+    State = optuna.trial.TrialState
+
+    def next_trial() -> optuna.Trial | None:
+        with lock:  # one ask at a time in this process; other processes are handled by owner_of_point
+            optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            if grid and not any(t.state == State.WAITING for t in trials):
+                return None
+            if search and sum(DUPLICATE_OF not in t.user_attrs for t in trials) >= args.trials:
+                return None
+            trial = study.ask(distributions)
+            frozen = stored_trial(study, trial._trial_id)
+            if grid and "fixed_params" not in frozen.system_attrs:  # another worker took the last point
+                trial.set_user_attr(DUPLICATE_OF, -1)
+                study.tell(trial, state=State.FAIL)
+                return None
+            owner = owner_of_point(study, trial) if grid else trial.number
+            if owner != trial.number:
+                trial.set_user_attr(DUPLICATE_OF, owner)
+                study.tell(trial, state=State.FAIL)
+                return next_trial()
+            return trial
+
+    def worker(_: int) -> None:
+        while (trial := next_trial()) is not None:
+            values = {k: as_text(v) for k, v in trial.params.items()}
+            version = trial_version(trial.number, values, names)
+            log_dir = os.path.join(sweep_dir, version)
+            report = {"storage": storage, "study": name, "trial_id": trial._trial_id, "metric": args.metric,
+                      "prune": args.prune, "startup_trials": args.prune_startup_trials}  # fmt: skip
+            cmd = command(subcommand, passthrough, values, {**logger, "version": version}, report)
+            with lock:
+                print(
+                    f"[trial {trial.number}] {version}: running, output in {log_dir}/output.log", flush=True
+                )
+            code, wall = run_trial(cmd, log_dir, study._storage, trial._trial_id, args.heartbeat)
+            metrics = last_metrics(log_dir, [*patterns, args.metric])
+            for key, value in {
+                "metrics": metrics,
+                "wall_s": wall,
+                "log_dir": log_dir,
+                "exit_code": code,
+            }.items():
+                trial.set_user_attr(key, value)
+            output = os.path.join(log_dir, "output.log")
+            pruned_at = stored_trial(study, trial._trial_id).user_attrs.get(PRUNED_AT)  # set by the run
+            if code == 0 and pruned_at is not None:
+                study.tell(trial, state=State.PRUNED)
+                status = f"pruned at step {pruned_at}"
+            elif code == 0 and args.metric in metrics and math.isfinite(metrics[args.metric]):
+                study.tell(trial, metrics[args.metric])
+                status = f"ok, {args.metric}={metrics[args.metric]:.4g}"
+            else:
+                reason = (
+                    f"exit {code}"
+                    if code
+                    else f"{args.metric} not logged (it logged: {', '.join(metrics) or 'nothing'})"
+                )
+                trial.set_user_attr("error", reason)
+                study.tell(trial, state=State.FAIL)
+                status = f"failed ({reason})"
+            with lock:
+                print(f"[trial {trial.number}] {version}: {status} in {wall:.1f} s", flush=True)
+                if status.startswith("failed"):
+                    print(f"    last lines of {output}:\n{tail(output)}", flush=True)
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        list(pool.map(worker, range(args.workers)))
+
+    rows = summary_rows(study, names)
+    if not rows:
+        print("no finished trials yet")
+        return 0
+    csv_path = os.path.join(sweep_dir, "summary.csv")
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    rows = [{c: row.get(c, "") for c in columns} for row in rows]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    states = [row["state"] for row in rows]
+    counts = ", ".join(
+        f"{states.count(s)} {s}" for s in ("complete", "pruned", "fail", "running", "waiting") if s in states
+    )
+    print(f"\n{table(rows)}\n\n{counts}; summary in {csv_path}")
+    if search and any(s == "complete" for s in states):
+        best = study.best_trial
+        print(f"best: trial {best.number}, {args.metric}={best.value:.6g}, {best.params}")
+    unfinished_points = {
+        point_of(t) for t in study.trials if t.state == State.FAIL and DUPLICATE_OF not in t.user_attrs
+    }
+    done_points = {point_of(t) for t in study.trials if t.state in (State.COMPLETE, State.PRUNED)}
+    return 1 if unfinished_points - done_points else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
