@@ -224,7 +224,7 @@ class TrainingTime(callbacks.Callback):
         self.seconds += time.perf_counter() - self._step_started
         self._step_started = None
         step = trainer.global_step
-        if trainer.loggers and (step % trainer.log_every_n_steps == 0 or trainer.val_check_batch == 1):
+        if trainer.loggers and step % trainer.log_every_n_steps == 0:
             self._log(trainer)
         if self.budget_minutes is not None:
             spent = self.seconds >= 60 * self.budget_minutes
