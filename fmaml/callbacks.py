@@ -257,3 +257,44 @@ class TrainingTime(callbacks.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.seconds = state_dict["seconds"]
+
+
+class ReportToOptuna(callbacks.Callback):
+    """Inside a trial's run: reports `metric` to its Optuna trial after every validation, by global_step
+    (fmaml trains in one endless epoch), and with `prune` stops the fit at a step boundary when the median
+    pruner says so, recording the step in the trial (the sweep then marks it pruned)."""
+
+    def __init__(
+        self,
+        storage: str,
+        study: str,
+        trial_id: int,
+        metric: str,
+        prune: bool = False,
+        startup_trials: int = 5,
+    ):
+        self.storage, self.study_name, self.trial_id = storage, study, trial_id
+        self.metric, self.prune, self.startup_trials = metric, prune, startup_trials
+        self._trial = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        import optuna  # only a sweep's trials need it
+
+        if trainer.is_global_zero:
+            pruner = optuna.pruners.MedianPruner(n_startup_trials=self.startup_trials)
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage, pruner=pruner)
+            self._trial = optuna.trial.Trial(study, self.trial_id)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        value = trainer.callback_metrics.get(self.metric)
+        if trainer.sanity_checking or self._trial is None or value is None:
+            return
+        self._trial.report(float(value), step=trainer.global_step)
+        if self.prune and self._trial.should_prune():
+            from fmaml.sweep import PRUNED_AT
+
+            self._trial.set_user_attr(PRUNED_AT, trainer.global_step)
+            trainer.should_stop = True
+            print(
+                f"pruned at step {trainer.global_step}: {self.metric}={float(value):.4g} is behind the median"
+            )

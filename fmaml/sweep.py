@@ -58,8 +58,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+# Nothing here imports torch or Lightning (fmaml/__init__.py is lazy): a sweep process starts in half a second
+# and leaves both to its trials.
 import optuna
-from lightning.pytorch.callbacks import Callback
 
 from fmaml.curves import read_scalars
 
@@ -188,8 +189,8 @@ def command(
     report: dict | None = None,
 ) -> list[str]:
     """The `python -m fmaml` command of one trial; the sweep's settings come last, so they win. `report`:
-    the init_args of ReportToOptuna, which reports the metric to the trial (and prunes)."""
-    callback = {"class_path": "fmaml.sweep.ReportToOptuna", "init_args": report} if report else None
+    the init_args of fmaml.callbacks.ReportToOptuna, which reports the metric to the trial (and prunes)."""
+    callback = {"class_path": "fmaml.callbacks.ReportToOptuna", "init_args": report} if report else None
     return [
         sys.executable,
         "-m",
@@ -200,43 +201,6 @@ def command(
         *(f"--{k}={v}" for k, v in values.items()),
         *([f"--trainer.callbacks+={json.dumps(callback)}"] if callback else []),
     ]
-
-
-class ReportToOptuna(Callback):
-    """Inside a trial's run: reports `metric` to its Optuna trial after every validation, by global_step
-    (fmaml trains in one endless epoch), and with `prune` stops the fit at a step boundary when the median
-    pruner says so, recording the step in the trial (the sweep then marks it pruned)."""
-
-    def __init__(
-        self,
-        storage: str,
-        study: str,
-        trial_id: int,
-        metric: str,
-        prune: bool = False,
-        startup_trials: int = 5,
-    ):
-        self.storage, self.study_name, self.trial_id = storage, study, trial_id
-        self.metric, self.prune, self.startup_trials = metric, prune, startup_trials
-        self._trial = None
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if trainer.is_global_zero:
-            pruner = optuna.pruners.MedianPruner(n_startup_trials=self.startup_trials)
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage, pruner=pruner)
-            self._trial = optuna.trial.Trial(study, self.trial_id)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        value = trainer.callback_metrics.get(self.metric)
-        if trainer.sanity_checking or self._trial is None or value is None:
-            return
-        self._trial.report(float(value), step=trainer.global_step)
-        if self.prune and self._trial.should_prune():
-            self._trial.set_user_attr(PRUNED_AT, trainer.global_step)
-            trainer.should_stop = True
-            print(
-                f"pruned at step {trainer.global_step}: {self.metric}={float(value):.4g} is behind the median"
-            )
 
 
 def open_study(storage: str, name: str, direction: str, heartbeat: float, seed: int | None) -> optuna.Study:

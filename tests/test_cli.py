@@ -172,6 +172,7 @@ def test_miniimagenet_fast_dev_run(tmp_path, monkeypatch):
         "--trainer.fast_dev_run=true",
         "--model.inner_steps=1",
         "--model.eval_inner_steps=1",
+        "--model.strategy=loop",  # auto's timing probe would be most of this test at 84x84
         *TINY,
     )
     assert cli.model.network.features[0][0].in_channels == 3

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from fmaml.cli import main
 from fmaml.data import MetaDataModule, Sinusoid
 from fmaml.models import MLP
 from fmaml.module import MAML
@@ -116,7 +117,7 @@ def test_each_process_gets_its_share_of_tasks():
 
 
 @pytest.mark.slow
-def test_cli_fit_and_test_with_ddp(tmp_path):
+def test_cli_fit_and_test_with_ddp(tmp_path, monkeypatch, capsys):
     """`python -m fmaml fit|test --trainer.strategy=ddp --trainer.devices=2` as a user runs it."""
     common = [
         "--config",
@@ -147,13 +148,14 @@ def test_cli_fit_and_test_with_ddp(tmp_path):
     # Test on 2 processes (3 + 2 tasks) against 1 process on the same 5 tasks: the same per-task values
     # in the same order, so the same mean and confidence interval.
     ddp = run("test", f"--ckpt_path={last}", "--model.per_task_csv=ddp.csv")
-    single = run(
-        "test",
-        f"--ckpt_path={last}",
-        "--model.per_task_csv=single.csv",
-        "--trainer.strategy=auto",
-        "--trainer.devices=1",
+    # The single process runs here, in-process: one interpreter start fewer.
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    main(
+        ["test", *common, f"--ckpt_path={last}", "--model.per_task_csv=single.csv"]
+        + ["--trainer.strategy=auto", "--trainer.devices=1"]
     )
+    single = capsys.readouterr().out
 
     def read(name):
         with open(tmp_path / name) as f:

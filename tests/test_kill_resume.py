@@ -194,18 +194,18 @@ def check_kills(tmp_path, args, random_kills, kills_in_writes, seed):
 
 
 def test_sinusoid_survives_sigkill_at_random_moments_and_during_writes(tmp_path):
-    report = check_kills(tmp_path, SINUSOID, random_kills=5, kills_in_writes=[1, 2], seed=0)
-    assert report["kills"] == 7
+    report = check_kills(tmp_path, SINUSOID, random_kills=3, kills_in_writes=[2], seed=0)
+    assert report["kills"] == 4
     # Progress between kills: the run was killed at several different steps, not always at the start.
-    assert len(set(report["steps_at_kill"])) >= 4, report
+    assert len(set(report["steps_at_kill"])) >= 3, report
 
 
 def test_tiny_omniglot_survives_sigkill_with_time_based_checkpoints(tmp_path, tmp_path_factory):
     root = tiny_omniglot_root(tmp_path_factory)
     report = check_kills(
-        tmp_path, [*OMNIGLOT, f"--data.root={root}"], random_kills=2, kills_in_writes=[1, 2], seed=1
+        tmp_path, [*OMNIGLOT, f"--data.root={root}"], random_kills=1, kills_in_writes=[1], seed=1
     )
-    assert report["kills"] == 4
+    assert report["kills"] == 2
 
 
 @pytest.mark.parametrize("value", [0, -1.0])
