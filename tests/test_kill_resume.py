@@ -194,10 +194,11 @@ def check_kills(tmp_path, args, random_kills, kills_in_writes, seed):
 
 
 def test_sinusoid_survives_sigkill_at_random_moments_and_during_writes(tmp_path):
-    report = check_kills(tmp_path, SINUSOID, random_kills=3, kills_in_writes=[2], seed=0)
-    assert report["kills"] == 4
-    # Progress between kills: the run was killed at several different steps, not always at the start.
-    assert len(set(report["steps_at_kill"])) >= 3, report
+    report = check_kills(tmp_path, SINUSOID, random_kills=2, kills_in_writes=[2], seed=0)
+    assert report["kills"] == 3
+    # Progress between kills: never back, and killed at different steps, not always at the start.
+    steps = report["steps_at_kill"]
+    assert steps == sorted(steps) and len(set(steps)) >= 2, report
 
 
 def test_tiny_omniglot_survives_sigkill_with_time_based_checkpoints(tmp_path, tmp_path_factory):
