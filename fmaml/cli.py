@@ -235,11 +235,17 @@ def _check_lr_schedule(config) -> None:
 
 
 def main(args: list[str] | None = None) -> MAMLCLI:
-    return MAMLCLI(
-        MAML,
-        MetaDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        seed_everything_default=0,
-        save_config_callback=SaveRunConfig,
-        args=args,
-    )
+    """`python -m fmaml`, or from Python (a notebook, a script) with the same arguments as a list."""
+    with warnings.catch_warnings():
+        if args is not None:
+            # The interpreter's own argv (a Jupyter kernel's `-f kernel.json`) is not meant for fmaml here, so
+            # Lightning's warning against giving both would only be noise in every notebook.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return MAMLCLI(
+            MAML,
+            MetaDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,
+            save_config_callback=SaveRunConfig,
+            args=args,
+        )

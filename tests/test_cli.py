@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -131,6 +132,18 @@ def test_sinusoid_fast_dev_run(tmp_path, monkeypatch):
     assert cli.model.network.layers[-1].out_features == 1
     assert cli.model.loss == "mse"
     assert "train/loss" in cli.trainer.callback_metrics
+
+
+def test_called_from_python_the_interpreters_own_argv_is_left_alone(tmp_path, monkeypatch):
+    """In a notebook, sys.argv is the kernel's (`-f kernel.json`): main(args) parses args only, and
+    Lightning's warning about giving both stays out of the user's cell output."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run("fit", "--config", config("sinusoid.yaml"), "--trainer.fast_dev_run=true", *TINY)
+    assert cli.trainer.global_step == 1
+    assert not [w for w in caught if "args parameter" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_evaluation_settings_given_with_a_checkpoint_are_used(tmp_path, monkeypatch):
