@@ -35,6 +35,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 # Where a checkpoint keeps the config of the command that wrote it and its log folder (fmaml.runs reads it).
 RUN_KEY = "fmaml_run"
+# A SIGINT this soon after the first is the same Ctrl-C delivered again, not a second press: without a
+# terminal, `uv run` forwards SIGINT to its child 200 ms after the signal to the whole process group (which
+# `timeout -s INT`, job schedulers and IDE stop buttons send) has already reached it.
+SAME_CTRL_C_SECONDS = 1.0
 
 
 class Checkpoint(callbacks.ModelCheckpoint):
@@ -68,12 +72,15 @@ class Checkpoint(callbacks.ModelCheckpoint):
         if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
 
             def stop_after_this_step(signum, frame):
-                if self.stopped_by_sigint:  # a second Ctrl-C: stop now, as Python would
-                    raise KeyboardInterrupt
-                self.stopped_by_sigint = True
+                if self.stopped_by_sigint:
+                    if time.monotonic() - self._sigint_time < SAME_CTRL_C_SECONDS:
+                        return  # the same Ctrl-C delivered twice (see SAME_CTRL_C_SECONDS)
+                    raise KeyboardInterrupt  # a second Ctrl-C: stop now, as Python would
+                self.stopped_by_sigint, self._sigint_time = True, time.monotonic()
                 trainer.should_stop = True
                 rank_zero_info(
-                    "\nCtrl-C: stopping after this meta-step and saving last.ckpt (press again to abort now)"
+                    "\nCtrl-C: stopping after this meta-step and saving last.ckpt (press it again, a second "
+                    "later, to abort now)"
                 )
 
             self._previous_sigint = signal.signal(signal.SIGINT, stop_after_this_step)
@@ -118,7 +125,7 @@ class Checkpoint(callbacks.ModelCheckpoint):
         if isinstance(exception, KeyboardInterrupt) and getattr(self, "stopped_by_sigint", False):
             rank_zero_warn(
                 "aborted by a second Ctrl-C: no checkpoint written (the interrupted meta-step may have "
-                f"half-updated the weights); the last one is {self.last_model_path or 'none'}"
+                f"half-updated the weights); the last one is {self.last_model_path or 'none (none was saved yet)'}"
             )
             return
         if not getattr(pl_module, "state_is_finite", lambda: True)():

@@ -5,6 +5,7 @@ import csv
 import math
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -109,6 +110,34 @@ def test_ctrl_c_stops_after_the_meta_step_and_saves_it(monkeypatch, capsys):
     assert cli.trainer.global_step == 7
     assert_holds(last_ckpt(), cli.model, 7)
     assert signal.getsignal(signal.SIGINT) is sigint_before  # put back after the fit
+
+
+def test_the_same_ctrl_c_delivered_twice_still_saves(monkeypatch):
+    """`uv run` without a terminal forwards SIGINT to its child 200 ms after the process group got it."""
+
+    def ctrl_c_twice(module):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    stop_at(monkeypatch, 7, ctrl_c_twice)
+    cli = main([*FIT, "--trainer.max_steps=20"])
+    assert cli.trainer.global_step == 7
+    assert_holds(last_ckpt(), cli.model, 7)
+
+
+def test_a_second_ctrl_c_a_moment_later_aborts_without_saving(monkeypatch, capsys):
+    def ctrl_c_then_again(module):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    stop_at(monkeypatch, 7, ctrl_c_then_again)
+    sigint_before = signal.getsignal(signal.SIGINT)
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        main([*FIT, "--trainer.max_steps=20"])
+    assert load(last_ckpt())["global_step"] == 5  # step 7 was interrupted: not saved
+    assert signal.getsignal(signal.SIGINT) is sigint_before
 
 
 # ------------------------------------------------------------------ 2. resume the right run
