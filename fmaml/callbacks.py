@@ -63,6 +63,16 @@ class Checkpoint(callbacks.ModelCheckpoint):
         # would then miss. The CLI has one Checkpoint: one key.
         return "fmaml.Checkpoint"
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._evaluating = stage != "fit"
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # test/validate save nothing, and log into a folder of their own: restoring the run's checkpoint
+        # state would only make Lightning warn, on every evaluation, that the folder has changed.
+        if not getattr(self, "_evaluating", False):
+            super().load_state_dict(state_dict)
+
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_save_time = time.monotonic()

@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import time
+import warnings
 
 import pytest
 import torch
@@ -229,9 +230,15 @@ def test_test_honours_the_command_and_names_the_checkpoint(capsys):
     main([*FIT, "--trainer.max_steps=7"])
     test = ["test", "--config", SINUSOID, "--ckpt_path=last", "--data.num_test_tasks=10", *TINY]
     capsys.readouterr()
-    at_training_rate = main(test).trainer.callback_metrics["test/loss_mean"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        at_training_rate = main(test).trainer.callback_metrics["test/loss_mean"]
     out = capsys.readouterr().out
     assert f"checkpoint {last_ckpt()} (step 7)" in out
+    # The evaluation logs into a new folder; no warning about the run's checkpoint folder follows it there.
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)], [
+        str(w.message) for w in caught
+    ]
     # Another inner rate (eval_inner_lr is unset, so inner_lr decides) gives another result, with a warning.
     with pytest.warns(UserWarning, match=r"model\.inner_lr: 0\.1 here, 0\.01 in the run"):
         faster = main([*test, "--model.inner_lr=0.1"]).trainer.callback_metrics["test/loss_mean"]
