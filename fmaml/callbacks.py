@@ -133,9 +133,12 @@ class Checkpoint(callbacks.ModelCheckpoint):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_sigint()
         if isinstance(exception, KeyboardInterrupt) and getattr(self, "stopped_by_sigint", False):
+            last = (
+                f"the last one is {self.last_model_path}" if self.last_model_path else "none was saved before"
+            )
             rank_zero_warn(
                 "aborted by a second Ctrl-C: no checkpoint written (the interrupted meta-step may have "
-                f"half-updated the weights); the last one is {self.last_model_path or 'none (none was saved yet)'}"
+                f"half-updated the weights); {last}"
             )
             return
         if not getattr(pl_module, "state_is_finite", lambda: True)():
