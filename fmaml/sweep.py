@@ -206,8 +206,16 @@ def command(
 def open_study(storage: str, name: str, direction: str, heartbeat: float, seed: int | None) -> optuna.Study:
     """The sweep's study, created by the first worker and joined by the others. Heartbeats let any worker
     fail (and retry once) the trials of a worker that was killed."""
+    import sqlalchemy.exc  # optuna's own dependency
+
     sampler = optuna.samplers.TPESampler(seed=seed)
-    for attempt in range(5):
+    # Two workers creating one new database at once: the loser's tables or version row clash; it retries, then joins.
+    racing = (
+        sqlalchemy.exc.OperationalError,
+        sqlalchemy.exc.IntegrityError,
+        optuna.exceptions.StorageInternalError,
+    )
+    for attempt in itertools.count():
         try:
             rdb = optuna.storages.RDBStorage(
                 storage,
@@ -218,11 +226,15 @@ def open_study(storage: str, name: str, direction: str, heartbeat: float, seed: 
             return optuna.create_study(
                 study_name=name, storage=rdb, direction=direction, sampler=sampler, load_if_exists=True
             )
-        except Exception:  # two workers creating one new database at once: the loser retries, then joins
+        except sqlalchemy.exc.ArgumentError as error:  # a malformed URL or a driver that is not installed
+            raise SystemExit(
+                f"--storage {storage}: not a usable database URL ({error}); use sqlite:///path.db, "
+                "postgresql://user:password@host/db or mysql+pymysql://..., with the driver installed"
+            ) from None
+        except racing:
             if attempt == 4:
                 raise
             time.sleep(0.5 + attempt)
-    raise AssertionError("unreachable")
 
 
 def point_of(trial: optuna.trial.FrozenTrial) -> str:

@@ -72,6 +72,11 @@ def test_same_key_twice_and_no_grid(capsys):
     assert "--search needs --trials N" in capsys.readouterr().err
 
 
+def test_an_unusable_storage_url_is_a_clear_error_at_once(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"--storage nosuch://x: not a usable database URL"):
+        main(["--grid", "model.inner_steps=1", "--storage", "nosuch://x", "--save-dir", str(tmp_path), *TINY])
+
+
 def test_version_names_are_short_unique_and_safe():
     combos = [{"model.inner_lr": "0.1", "data.seed": "1", "model.seed": "2", "model.network.hidden": "[4,4]"}]
     names = {"model.inner_lr": "inner_lr", "data.seed": "data.seed", "model.seed": "model.seed"}
