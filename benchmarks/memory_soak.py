@@ -1,12 +1,14 @@
 """Peak RSS over a long CPU fit, to show that memory stays flat across meta-steps and validation loops.
 
-    uv run python benchmarks/memory_soak.py --steps 2000 --config configs/sinusoid.yaml
+    uv run python benchmarks/memory_soak.py --steps 2000 --config configs/sinusoid.yaml \\
+        --json benchmarks/results/memory_soak_cpu.json
 
 Runs `fit` through the same CLI users run (validation every --val-every steps) and prints the process's
 resident memory at a few steps, plus its peak, so a leak shows up as growth between the rows.
 """
 
 import argparse
+import json
 import resource
 import tempfile
 
@@ -37,6 +39,7 @@ if __name__ == "__main__":
     parser.add_argument("--config", default="configs/sinusoid.yaml")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--val-every", type=int, default=250)
+    parser.add_argument("--json", help="write the rows (step, RSS MB, peak RSS MB) here")
     args = parser.parse_args()
     probe = RSSProbe([1, 100, 500, 1000, args.steps // 2, args.steps])
     with tempfile.TemporaryDirectory() as logs:
@@ -59,3 +62,7 @@ if __name__ == "__main__":
     print("| step | RSS MB | peak RSS MB |\n| --- | --- | --- |")
     for step, rss, peak in probe.rows:
         print(f"| {step} | {rss:.0f} | {peak:.0f} |")
+    if args.json:
+        rows = [{"step": step, "rss_mb": rss, "peak_rss_mb": peak} for step, rss, peak in probe.rows]
+        with open(args.json, "w") as f:
+            json.dump({"config": args.config, "val_every": args.val_every, "rows": rows}, f, indent=1)

@@ -1,6 +1,6 @@
 """bf16 mixed precision against float32: the meta-gradient, and whether training still gets there.
 
-    uv run python benchmarks/mixed_precision.py gradient
+    uv run python benchmarks/mixed_precision.py gradient --json benchmarks/results/mixed_precision/gradient.json
     FMAML_DATA_ROOT=<folder with omniglot/> uv run python benchmarks/mixed_precision.py train \\
         --out benchmarks/results/mixed_precision --steps 300
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import subprocess
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def gradient() -> None:
+def gradient(json_path: Path | None) -> None:
     from bench_vs_higher import WORKLOADS, make_model, make_tasks
 
     from fmaml import meta_loss
@@ -57,13 +58,17 @@ def gradient() -> None:
         value.backward()
         return torch.cat([p.grad.flatten() for p in params.values()])
 
+    results = {}
     for memory in ("store", "recompute"):
         reference, low = meta_gradient(memory, False), meta_gradient(memory, True)
         error = ((low - reference).norm() / reference.norm()).item()
         cosine = torch.nn.functional.cosine_similarity(low, reference, 0).item()
+        results[memory] = {"relative_error": error, "cosine": cosine}
         print(
             f"loop, {memory}: bf16-mixed vs float32 meta-gradient relative error {error:.3g}, cosine {cosine:.4f}"
         )
+    if json_path:
+        json_path.write_text(json.dumps({"loop": results, "torch": torch.__version__}, indent=1) + "\n")
 
 
 def accuracies(path: Path) -> list[float]:
@@ -122,7 +127,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("gradient")
+    grad = sub.add_parser("gradient")
+    grad.add_argument("--json", type=Path, help="write the relative error and cosine per memory mode here")
     training = sub.add_parser("train")
     training.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/mixed_precision")
     training.add_argument("--steps", type=int, default=300)
@@ -130,7 +136,7 @@ def main() -> None:
     training.add_argument("--core", type=int, help="run both on this core, one after the other")
     args = parser.parse_args()
     if args.command == "gradient":
-        gradient()
+        gradient(args.json)
     else:
         train(args.out, args.steps, args.meta_batch, args.core)
 

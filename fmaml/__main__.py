@@ -1,4 +1,6 @@
-from fmaml.cli import main
+import sys
+
+from fmaml.cli import command_line
 
 if __name__ == "__main__":
-    main()
+    sys.exit(command_line())

@@ -15,8 +15,16 @@ The engine (fmaml.maml) only runs concrete strategies; this file chooses one, on
    best run a second round, interleaved, the faster of their two timings counting (one timing is too
    noisy to decide a close call); the fastest wins. Every prediction and timing is logged, with the seconds the
    measuring took.
-4. Cache: the choice and its measurements are stored per device, model and shapes (a JSON file under
-   $FMAML_CACHE_DIR, default ~/.cache/fmaml), so later runs of the same setting skip the measuring.
+4. Cache: the choice and its measurements are stored per device, model, shapes and cost-changing
+   settings (a JSON file under $FMAML_CACHE_DIR, default ~/.cache/fmaml), with the time they were
+   written, so later runs of the same setting skip the measuring. A cached choice is reused only while it
+   still holds: every candidate fits (or not) the current budget as it did the measured one, and the
+   first real meta-steps take about the time it predicted (`StepCheck`); otherwise it is measured again.
+
+What is measured is what runs: the settings that change a meta-step's cost (`phase`: derivative order,
+the multi-step loss) are part of the measurement, and the app (fmaml.module) measures again whenever they
+change during a run (MAML++ turns the multi-step loss off, then second order on). `torch.compile` is not
+measured (compiling every candidate costs a compile each): the app refuses it with strategy="auto".
 
 Peak memory: on CUDA, `max_memory_allocated` growth. On the CPU (Linux), the kernel's peak resident size
 (VmHWM), reset to the current size before each probe by writing 5 to /proc/self/clear_refs; large
@@ -29,6 +37,7 @@ import ctypes
 import hashlib
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -45,6 +54,14 @@ SLOWER = 1.5
 # The candidates timed within this factor of the best get a second, interleaved round (the faster counts).
 CLOSE = 1.25
 CPU_PEAK_RESETTABLE = os.access("/proc/self/clear_refs", os.W_OK)
+# A cached choice is checked against the median time of this many real meta-steps (after a first one,
+# which carries one-off costs): a median of 5 shrugs off one or two steps slowed by a neighbour.
+CHECK_STEPS = 5
+# Observed against predicted beyond this factor, either way, and the cached choice is measured again. A
+# real meta-step also runs the optimizer and Lightning's bookkeeping (a few percent), and a timing on a
+# shared machine wanders by up to ~1.3x (a loaded run against an idle one); 1.5x is beyond that noise,
+# and is also the factor past which `choose` itself rules a candidate out (SLOWER).
+DISAGREE = 1.5
 
 
 @dataclass
@@ -58,6 +75,16 @@ class Choice:
     measuring_seconds: float
     candidates: list[dict] = field(default_factory=list)
     cached: bool = False
+    settings: str = ""  # the cost-changing settings measured under (`describe_phase`)
+    written: str | None = None  # when the measurement was cached (UTC); None: before fmaml said
+    note: str = ""  # why a cached choice was not reused, if it was not
+
+    @property
+    def chosen(self) -> dict:
+        """The chosen candidate's row: its "seconds" are what a real meta-step should take."""
+        return next(
+            c for c in self.candidates if (c["strategy"], c["memory"]) == (self.strategy, self.memory)
+        )
 
     def summary(self) -> str:
         rows = [
@@ -65,10 +92,29 @@ class Choice:
             + (f"{c['seconds'] * 1e3:8.1f} ms" if c["seconds"] is not None else c["skipped"])
             for c in self.candidates
         ]
-        source = "cached" if self.cached else f"measured in {self.measuring_seconds:.1f} s"
+        source = (
+            f"cached, measured {self.written or 'at an unknown time'}"
+            if self.cached
+            else f"measured in {self.measuring_seconds:.1f} s"
+        )
         return (
-            f"strategy=auto chose {self.strategy}, memory={self.memory} ({source}, budget "
-            f"{self.budget_bytes / 2**20:.0f} MB):\n" + "\n".join(rows)
+            (f"strategy=auto: {self.note}\n" if self.note else "")
+            + f"strategy=auto chose {self.strategy}, memory={self.memory} ({source}, under "
+            f"{self.settings or 'unrecorded settings'}; budget now {self.budget_bytes / 2**20:.0f} MB):\n"
+            + "\n".join(rows)
+        )
+
+
+def check_compile(strategy: str, compile: bool) -> None:
+    """Refuse model.compile with strategy="auto" at start-up. Auto times the eager meta-loss, so its choice
+    would describe another program than the compiled one that runs; measuring what runs would cost a
+    compile per candidate (tens of seconds to minutes each, where a compile hangs for minutes on CPU conv
+    nets): a fixed strategy is the honest and cheap way to compile."""
+    if compile and strategy == "auto":
+        raise ValueError(
+            "model.compile=true with model.strategy=auto: auto measures the strategies uncompiled, so its "
+            "choice would not describe the compiled meta-loss that runs. Give a fixed strategy with compile, "
+            "e.g. --model.strategy=vmap (chunked:N or loop), or drop --model.compile"
         )
 
 
@@ -152,13 +198,16 @@ def _full_run(params, buffers, tasks, strategy, memory, config) -> Callable[[], 
     return lambda: _meta_gradient(params, buffers, tasks, strategy, memory, config)
 
 
-def _timed(fn: Callable[[], Tensor], device: torch.device) -> float:
+def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Tensor], device: torch.device) -> float:
+    _synchronize(device)
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _synchronize(device)
     return time.perf_counter() - start
 
 
@@ -196,19 +245,53 @@ def choose(
     memories: tuple[str, ...] = ("store", "recompute"),
     memory_share: float = 0.5,
     cache: bool = True,
+    refresh: bool = False,
     loop_only: bool = False,
     **config,
 ) -> Choice:
     """Measure the candidates on this meta-batch (see the module docstring) and return the fastest that
     fits `memory_share` of the device's free memory. `config`: meta_loss's inner-loop arguments.
+    `refresh`: measure even where the cache holds a choice (which is then overwritten).
     `loop_only`: under mixed precision, where vmap over the inner gradient fails (fmaml.cli)."""
     device = tasks["support"][0].device
     key = _cache_key(params, tasks, model, memories, config | {"loop_only": loop_only}, device)
-    if cache and (cached := _read_cache(key)) is not None:
-        return cached
-    start = time.perf_counter()
     budget = int(memory_share * free_memory_bytes(device))
-    config = dict(config, model=model)
+    note = ""
+    if cache and not refresh and (cached := _read_cache(key)) is not None:
+        if not (note := _budget_change(cached, budget)):
+            cached.budget_bytes = budget  # it holds under the current budget: say that one
+            return cached
+    start = time.perf_counter()
+    rows = _measure(params, buffers, tasks, dict(config, model=model), memories, budget, loop_only)
+    fitting = [r for r in rows if r["seconds"] is not None]
+    if not fitting:
+        smallest = min(rows, key=lambda r: r["predicted_bytes"])
+        raise MemoryError(
+            f"strategy=auto: no strategy fits the memory budget of {budget / 2**20:.0f} MB "
+            f"({memory_share:.0%} of free memory); the smallest, {smallest['strategy']} with "
+            f"memory={smallest['memory']}, needs about {smallest['predicted_bytes'] / 2**20:.0f} MB. Lower "
+            "data.meta_batch_size or raise model.auto_memory_share"
+        )
+    best = min(fitting, key=lambda r: r["seconds"])
+    choice = Choice(
+        best["strategy"],
+        best["memory"],
+        budget,
+        time.perf_counter() - start,
+        rows,
+        settings=describe_phase(phase(config)),
+        written=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        note=note,
+    )
+    if cache:
+        _write_cache(key, choice)
+    return choice
+
+
+def _measure(params, buffers, tasks, config, memories, budget, loop_only) -> list[dict]:
+    """Every candidate's row: predicted peak bytes, and the seconds of a full meta-gradient (None where it
+    was not run: predicted over `budget`, or predicted too slow to win)."""
+    device = tasks["support"][0].device
     rows, best = [], float("inf")
     for strategy, memory in candidates(tasks["support"][0].shape[0], memories, loop_only):
         row = {"strategy": strategy, "memory": memory, "seconds": None, "skipped": ""}
@@ -229,20 +312,115 @@ def choose(
         for row in close:
             run = _full_run(params, buffers, tasks, row["strategy"], row["memory"], config)
             row["seconds"] = min(row["seconds"], _timed(run, device))
-    fitting = [r for r in rows if r["seconds"] is not None]
-    if not fitting:
-        smallest = min(rows, key=lambda r: r["predicted_bytes"])
-        raise MemoryError(
-            f"strategy=auto: no strategy fits the memory budget of {budget / 2**20:.0f} MB "
-            f"({memory_share:.0%} of free memory); the smallest, {smallest['strategy']} with "
-            f"memory={smallest['memory']}, needs about {smallest['predicted_bytes'] / 2**20:.0f} MB. Lower "
-            "data.meta_batch_size or raise model.auto_memory_share"
+    return rows
+
+
+def _budget_change(cached: Choice, budget: int) -> str:
+    """Why a cached choice does not hold under the current `budget` ("" if it does): every candidate must
+    fit it, or not, as it fitted the budget it was measured under. A lower budget may exclude the choice
+    (after running out of memory, a lower model.auto_memory_share must take effect); a higher one may admit
+    a faster candidate."""
+    for row in cached.candidates:
+        fits_now = row["predicted_bytes"] <= budget
+        if fits_now != (row["predicted_bytes"] <= cached.budget_bytes):
+            return (
+                f"the cached choice (measured {cached.written or 'at an unknown time'}) was made under a budget "
+                f"of {cached.budget_bytes / 2**20:.0f} MB; under today's, {budget / 2**20:.0f} MB, "
+                f"{row['strategy']} with memory={row['memory']} (predicted {row['predicted_bytes'] / 2**20:.0f} MB) "
+                f"{'fits' if fits_now else 'no longer fits'}: measuring again"
+            )
+    return ""
+
+
+def phase(inner: dict) -> dict[str, bool]:
+    """The inner-loop settings besides the shapes that change a meta-gradient's cost, time and memory
+    alike (second order: about 6x the memory of first order on the MAML++ ConvNet): a run whose settings
+    change them (MAML++: the multi-step loss off, then second order on) measures again."""
+    return {
+        "second_order": not inner.get("first_order", False),
+        "multi_step_loss": inner.get("step_weights") is not None,
+    }
+
+
+def describe_phase(settings: dict[str, bool]) -> str:
+    order = "second order" if settings["second_order"] else "first order"
+    return order + (", multi-step loss" if settings["multi_step_loss"] else ", last step's loss")
+
+
+class StepCheck:
+    """A cached choice against the run: `start()` and `stop()` around each of the first real meta-steps;
+    `stop()` returns None while it collects, then why to measure again ("" when the median of CHECK_STEPS
+    steps, after a first one that carries one-off costs, agrees with the cached prediction)."""
+
+    def __init__(self, predicted_seconds: float, device: torch.device):
+        self.predicted, self.device = predicted_seconds, device
+        self.observed: list[float] = []
+
+    def start(self) -> None:
+        _synchronize(self.device)
+        self.started = time.perf_counter()
+
+    def stop(self) -> str | None:
+        _synchronize(self.device)
+        self.observed.append(time.perf_counter() - self.started)
+        if len(self.observed) <= CHECK_STEPS:
+            return None
+        observed = statistics.median(self.observed[1:])
+        ratio = observed / max(self.predicted, 1e-9)
+        if 1 / DISAGREE <= ratio <= DISAGREE:
+            return ""
+        return (
+            f"the first meta-steps took {observed * 1e3:.1f} ms (median of {CHECK_STEPS}), where the cached "
+            f"measurement predicted {self.predicted * 1e3:.1f} ms ({ratio:.2f}x, beyond the {DISAGREE}x of "
+            "timing noise): measuring again"
         )
-    best = min(fitting, key=lambda r: r["seconds"])
-    choice = Choice(best["strategy"], best["memory"], budget, time.perf_counter() - start, rows)
-    if cache:
-        _write_cache(key, choice)
-    return choice
+
+
+@dataclass
+class AutoRun:
+    """strategy="auto" over one run of the app (fmaml.module.MAML): a checkpoint's choice not yet checked
+    against this run, and the check of a cached choice against the first real meta-steps."""
+
+    restored: dict | None = None
+    check: StepCheck | None = None
+
+    @classmethod
+    def for_settings(cls, strategy: str, compile: bool) -> AutoRun:
+        check_compile(strategy, compile)
+        return cls()
+
+    def watch(self, predicted_seconds: float | None, device: torch.device) -> None:
+        """Check the next real meta-steps against `predicted_seconds` (None: a fresh measurement, no check)."""
+        self.check = None if predicted_seconds is None else StepCheck(predicted_seconds, device)
+
+
+def device_name(device: torch.device) -> str:
+    """The device a choice was measured on, as a checkpoint records it: its type, and the model on CUDA."""
+    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
+def restored_problem(saved: dict, *, memories, device, precision: str | None, memory_share: float) -> str:
+    """Why a choice restored from a checkpoint does not apply to this run ("" if it does): a memory mode
+    the run's settings exclude, another device or precision (or a checkpoint that does not say), or a
+    predicted peak over today's budget."""
+    if saved.get("memory") not in memories:
+        return (
+            f"it runs memory={saved.get('memory')}, which this run's model.memory and model.adapt_only "
+            f"exclude (allowed: {', '.join(memories)})"
+        )
+    if "device" not in saved or "precision" not in saved:
+        return "the checkpoint does not record the device and precision it was measured on (an older fmaml)"
+    if saved["device"] != device_name(device):
+        return f"it was measured on {saved['device']}, this run is on {device_name(device)}"
+    if saved["precision"] != precision:
+        return f"it was measured at precision {saved['precision']}, this run is at {precision}"
+    budget = int(memory_share * free_memory_bytes(device))
+    if saved.get("predicted_bytes", 0) > budget:
+        return (
+            f"its predicted peak, {saved['predicted_bytes'] / 2**20:.0f} MB, is over today's budget of "
+            f"{budget / 2**20:.0f} MB ({memory_share:.0%} of free memory)"
+        )
+    return ""
 
 
 def _cache_key(params, tasks, model, memories, config, device) -> str:
@@ -255,12 +433,22 @@ def _cache_key(params, tasks, model, memories, config, device) -> str:
         "params": {n: [list(p.shape), str(p.dtype), p.requires_grad] for n, p in params.items()},
         "tasks": {s: [list(x.shape), str(x.dtype), list(y.shape)] for s, (x, y) in tasks.items()},
         "memories": list(memories),
-        "config": {
-            k: repr(v) if not isinstance(v, Tensor) else [list(v.shape), v.requires_grad]
-            for k, v in config.items()
-        },
+        "config": {k: _described(v) for k, v in config.items()},
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=repr).encode()).hexdigest()[:20]
+
+
+def _described(value):
+    """A setting as the cache key sees it. Tensors by shape, and numbers inside lists by position only:
+    the learned rates and the multi-step loss's weights change every meta-step, and do not change the
+    cost (by value, a run resumed or restarted at another step would never find its measurement)."""
+    if isinstance(value, Tensor):
+        return [list(value.shape), value.requires_grad]
+    if isinstance(value, list | tuple):
+        return ["number" if isinstance(v, float) else _described(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _described(v) for k, v in value.items()}
+    return repr(value)
 
 
 def _cache_file() -> str:
@@ -272,9 +460,9 @@ def _read_cache(key: str) -> Choice | None:
     try:
         with open(_cache_file()) as f:
             entry = json.load(f).get(key)
-    except (OSError, ValueError):
+        return None if entry is None else Choice(**(entry | {"cached": True}))
+    except (OSError, ValueError, TypeError):  # no cache, or an entry this version cannot read: measure
         return None
-    return None if entry is None else Choice(**(entry | {"cached": True}))
 
 
 def _write_cache(key: str, choice: Choice) -> None:
@@ -285,7 +473,7 @@ def _write_cache(key: str, choice: Choice) -> None:
             entries = json.load(f)
     except (OSError, ValueError):
         entries = {}
-    entries[key] = asdict(choice) | {"cached": False}
+    entries[key] = asdict(choice) | {"cached": False, "note": ""}  # the note was about the entry it replaced
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(entries, f, indent=1)

@@ -280,9 +280,11 @@ class TrainingTime(callbacks.Callback):
 
 
 class ReportToOptuna(callbacks.Callback):
-    """Inside a trial's run: reports `metric` to its Optuna trial after every validation, by global_step
-    (fmaml trains in one endless epoch), and with `prune` stops the fit at a step boundary when the median
-    pruner says so, recording the step in the trial (the sweep then marks it pruned)."""
+    """Inside a trial's run: records the folder the run logs to in its Optuna trial (the sweep reads the
+    metrics there: only the run knows it, after `--trainer.default_root_dir` and the config files), reports
+    `metric` after every validation, by global_step (fmaml trains in one endless epoch), and with `prune`
+    stops the fit at a step boundary when the median pruner says so, recording the step in the trial (the
+    sweep then marks it pruned)."""
 
     def __init__(
         self,
@@ -304,6 +306,9 @@ class ReportToOptuna(callbacks.Callback):
             pruner = optuna.pruners.MedianPruner(n_startup_trials=self.startup_trials)
             study = optuna.load_study(study_name=self.study_name, storage=self.storage, pruner=pruner)
             self._trial = optuna.trial.Trial(study, self.trial_id)
+            from fmaml.sweep import RUN_LOG_DIR
+
+            self._trial.set_user_attr(RUN_LOG_DIR, os.path.abspath(trainer.log_dir))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         value = trainer.callback_metrics.get(self.metric)

@@ -14,16 +14,21 @@ Defaults that differ from Lightning's, and why:
   untrained weights, on purpose); `--ckpt_path last` resumes the newest run of this logger name (or of
   `--checkpoint.dirpath`); a resume must keep what defines training, and an evaluation the network, with
   every conflict listed by key. The command's settings are the ones that run: Lightning's re-parsing of
-  the checkpoint's hyperparameters over the config, which silently replaced them, is off.
+  the checkpoint's hyperparameters over the config, which silently replaced them, is off;
+- a start-up error (a bad setting, missing data) prints its message alone, without a traceback
+  (`command_line`; FMAML_DEBUG=1 shows it), and a setting that would have no effect warns
+  (fmaml.settings_check).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -32,6 +37,7 @@ from fmaml.callbacks import Checkpoint, LearningRateMonitor, SaveRunConfig, Trai
 from fmaml.data import MetaDataModule
 from fmaml.module import MAML
 from fmaml.schedules import check_max_steps_for_schedule
+from fmaml.settings_check import warn_ignored_run_settings
 
 TRAINER_DEFAULTS = {
     "inference_mode": False,
@@ -77,6 +83,8 @@ class MAMLCLI(LightningCLI):
         if self.subcommand == "fit":
             _check_lr_schedule(config)
         _check_precision(config)
+        _check_gradient_clipping(config)
+        warn_ignored_run_settings(self.subcommand, config)
         if self.subcommand in ("test", "validate") and config.get("ckpt_path") is None:
             raise ValueError(
                 f"{self.subcommand} needs --ckpt_path: the path of a .ckpt written by fit (e.g. "
@@ -213,6 +221,17 @@ def _check_precision(config) -> None:
         )
 
 
+def _check_gradient_clipping(config) -> None:
+    """Lightning cannot clip under manual optimization (fmaml's meta-step): point to the option that can."""
+    value = config.trainer.get("gradient_clip_val")
+    if value:
+        by = "value" if config.trainer.get("gradient_clip_algorithm") == "value" else "norm"
+        raise ValueError(
+            f"trainer.gradient_clip_val={value}: Lightning cannot clip fmaml's manual meta-optimization; "
+            f"use --model.meta_grad_clip_{by}={value} instead"
+        )
+
+
 def _check_lr_schedule(config) -> None:
     """A cosine schedule must know the run's length: fail now, not after data preparation."""
     scheduler = config.model.get("lr_scheduler")
@@ -234,8 +253,38 @@ def _check_lr_schedule(config) -> None:
         )
 
 
-def main(args: list[str] | None = None) -> MAMLCLI:
-    """`python -m fmaml`, or from Python (a notebook, a script) with the same arguments as a list."""
+DEBUG_ENV = "FMAML_DEBUG"
+DESCRIPTION = (
+    "fmaml: MAML on torch.func. A start-up error (a bad setting, missing data) prints its message alone; "
+    f"set {DEBUG_ENV}=1 to see its traceback."
+)
+# What fmaml raises for bad settings and for missing or unusable data, with messages written to be read
+# alone (the setting, the value, the fix), and jsonargparse's errors on the command line itself.
+STARTUP_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ArgumentError)
+
+
+class FirstBatch(Callback):
+    """Marks where start-up ends: when the first batch (training, sanity check, validation or test) reaches
+    the model. Everything before, parsing, checks, building the model and the data, preparing and reading
+    the files, building the loaders, loading the first batch, is start-up; from then on an error may be
+    a bug in the work itself, and keeps its traceback."""
+
+    def __init__(self) -> None:
+        self.reached = False
+
+    def _reached(self, *args, **kwargs) -> None:
+        self.reached = True
+
+    on_train_batch_start = on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _reached
+
+
+def main(
+    args: list[str] | None = None, *, callbacks: list[Callback] | None = None, exit_on_error: bool = True
+) -> MAMLCLI:
+    """`python -m fmaml` from Python (a notebook, a script) with the same arguments as a list; errors are
+    raised (the command line prints start-up errors briefly: `command_line`). `callbacks`: added to the
+    Trainer's; `exit_on_error=False`: a command line jsonargparse rejects raises ArgumentError instead of
+    printing the usage and exiting."""
     with warnings.catch_warnings():
         if args is not None:
             # The interpreter's own argv (a Jupyter kernel's `-f kernel.json`) is not meant for fmaml here, so
@@ -244,8 +293,35 @@ def main(args: list[str] | None = None) -> MAMLCLI:
         return MAMLCLI(
             MAML,
             MetaDataModule,
-            trainer_defaults=TRAINER_DEFAULTS,
+            trainer_defaults=TRAINER_DEFAULTS | ({"callbacks": callbacks} if callbacks else {}),
             seed_everything_default=0,
             save_config_callback=SaveRunConfig,
+            parser_kwargs={"description": DESCRIPTION, "exit_on_error": exit_on_error},
             args=args,
         )
+
+
+def command_line(args: list[str] | None = None) -> int:
+    """`python -m fmaml`: `main`, with a start-up error printed as `error: <message>` alone on stderr (exit
+    status 2 for a command line jsonargparse rejects, 1 otherwise) instead of a traceback of some 40 lines
+    (or, from jsonargparse, 100 lines of usage). `FMAML_DEBUG=1`: errors exactly as `main` raises them.
+
+    Only the errors in STARTUP_ERRORS, and only before the first batch (FirstBatch), are start-up errors.
+    Anything else, and any error once work has begun (a ValueError mid-training may be a bug), keeps its
+    traceback; Ctrl-C and SIGTERM (KeyboardInterrupt, SystemExit, Lightning's SIGTERMException: none of
+    them Exceptions of these types) go on to fmaml.callbacks and Lightning as before."""
+    if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+        main(args)
+        return 0
+    first_batch = FirstBatch()
+    try:
+        main(args, callbacks=[first_batch], exit_on_error=False)
+    except STARTUP_ERRORS as error:
+        if first_batch.reached:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        usage = isinstance(error, ArgumentError)
+        hint = "--help lists every setting" if usage else f"{DEBUG_ENV}=1 shows the traceback"
+        print(f"({hint})", file=sys.stderr)
+        return 2 if usage else 1
+    return 0

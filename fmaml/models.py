@@ -26,12 +26,27 @@ def _conv_block(in_channels: int, filters: int, pooling: Literal["max", "stride"
     return nn.Sequential(*layers)
 
 
+HEAD_INPUTS = ("flatten", "mean")
+INITS = ("pytorch", "reference")
+
+
 class ConvNet(nn.Module):
     """The MAML 4-block CNN: 4 x [conv3x3, BatchNorm, ReLU, max-pool or stride 2], then a linear head.
 
     Input [batch, in_channels, image_size, image_size] -> logits [batch, ways].
     The paper uses 64 filters with stride 2 on Omniglot (28x28) and 32 filters with max-pool on
     MiniImageNet (84x84).
+
+    head_input: what the linear head sees of the last block's features [batch, filters, s, s] (s = 2 on
+        Omniglot 28x28 with stride 2, 5 on MiniImageNet 84x84 with max-pool):
+        "flatten" (default): all of them, [batch, filters * s * s] (Omniglot: 64 * 2 * 2 = 256 inputs);
+        "mean": their mean over the s x s positions, [batch, filters] (64 inputs). The reference code
+        (cbfinn/maml, maml.py `forward_conv`) averages for Omniglot (`tf.reduce_mean(hidden4, [1, 2])`)
+        and flattens for MiniImageNet.
+    init: "pytorch" (default): PyTorch's default initialisation. "reference": the reference code's
+        (maml.py `construct_conv_weights`): Xavier-uniform convolutions, zero biases, and a head drawn from
+        N(0, 1) with head_input="mean" (its Omniglot head, tf.random_normal) or Xavier-uniform with
+        "flatten" (its MiniImageNet head). BatchNorm starts at offset 0, scale 1 either way.
     """
 
     def __init__(
@@ -41,6 +56,8 @@ class ConvNet(nn.Module):
         filters: int = 64,
         image_size: int = 28,
         pooling: Literal["max", "stride"] = "stride",
+        head_input: Literal["flatten", "mean"] = "flatten",
+        init: Literal["pytorch", "reference"] = "pytorch",
     ):
         super().__init__()
         for name, value in (("ways", ways), ("in_channels", in_channels), ("filters", filters)):
@@ -48,6 +65,16 @@ class ConvNet(nn.Module):
                 raise ValueError(f"ConvNet {name}={value!r} must be an integer >= 1")
         if pooling not in ("max", "stride"):
             raise ValueError(f"ConvNet pooling={pooling!r} must be 'max' or 'stride'")
+        if head_input not in HEAD_INPUTS:
+            raise ValueError(
+                f"model.network.init_args.head_input={head_input!r} is unknown: use flatten (every feature "
+                "position, the default) or mean (the average over positions, the reference's Omniglot head)"
+            )
+        if init not in INITS:
+            raise ValueError(
+                f"model.network.init_args.init={init!r} is unknown: use pytorch (PyTorch's default, the "
+                "default) or reference (the MAML reference code's)"
+            )
         size = image_size
         for _ in range(4):  # both conv stride 2 (padding 1) and max-pool 2 map n -> ceil(n/2) or floor(n/2)
             size = (size + 1) // 2 if pooling == "stride" else size // 2
@@ -56,11 +83,27 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(
             *(_conv_block(in_channels if i == 0 else filters, filters, pooling) for i in range(4))
         )
-        self.head = nn.Linear(filters * size * size, ways)
+        self.head_input = head_input
+        self.head = nn.Linear(filters * (1 if head_input == "mean" else size * size), ways)
         self.input_shape = (in_channels, image_size, image_size)  # checked against the data by the CLI
+        if init == "reference":
+            self._reference_init()
+
+    def _reference_init(self) -> None:
+        for block in self.features:
+            nn.init.xavier_uniform_(block[0].weight)
+            nn.init.zeros_(block[0].bias)
+        if self.head_input == "mean":
+            nn.init.normal_(self.head.weight)
+        else:
+            nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x).flatten(1))
+        features = self.features(x)
+        if self.head_input == "mean":
+            return self.head(features.mean(dim=(2, 3)))
+        return self.head(features.flatten(1))
 
 
 class MLP(nn.Module):

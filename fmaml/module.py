@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from fmaml import auto_strategy
 from fmaml.maml import (
     InnerLR,
     LossName,
@@ -26,8 +27,10 @@ from fmaml.maml import (
     check_strategy,
     meta_loss,
     msl_weights,
+    resolve_strategy,
 )
 from fmaml.schedules import CosineAnnealingToMaxSteps, check_max_steps_for_schedule
+from fmaml.settings_check import warn_ignored_model_settings
 
 
 class MAML(L.LightningModule):
@@ -61,12 +64,22 @@ class MAML(L.LightningModule):
         meta-learned but left as they are by the inner loop, whose gradient skips them.
     strategy="auto" measures: on the first training meta-batch, `fmaml.auto_strategy.choose` times the
         strategies (with each memory mode, unless `memory` fixes one) on the real shapes and device, and
-        keeps the fastest whose predicted peak fits `auto_memory_share` of the free memory. The choice is
-        logged, cached per device, model and shapes, and saved in checkpoints: a resumed run keeps it.
-        Evaluation, which computes no meta-gradient, uses it too.
+        keeps the fastest whose predicted peak fits `auto_memory_share` of the free memory. It measures
+        again whenever the settings that change a meta-step's cost change (derivative order, the
+        multi-step loss: MAML++'s phases); `compile` is refused with it (auto times the eager meta-loss).
+        The choice is logged and cached per device, model, shapes and those settings; a cached one is
+        reused only while it fits the current budget and the first real meta-steps take the time it
+        predicted. It is saved in checkpoints with its device and precision, and restored only where it
+        still applies (memory mode allowed, same device and precision, within budget), else measured
+        again, saying why. Evaluation, which computes no meta-gradient, uses it too (or, with no valid
+        choice, the engine's fixed rule).
     memory: "store" keeps every inner step's graph for the meta-gradient; "recompute" keeps only the
         inner iterates and recomputes one step at a time (memory flat in the inner steps, the same exact
         meta-gradient; see `fmaml.maml.meta_loss`); "auto": chosen with strategy="auto", else "store".
+    meta_grad_clip_value, meta_grad_clip_norm: clip the meta-gradient (of the network and of learned inner
+        rates) before each meta-optimizer step: every entry to [-value, value], then the total norm over all
+        of them to at most `norm` (None: off). Lightning's `trainer.gradient_clip_val` does not apply to
+        manual optimization. The reference code clips MiniImageNet's by value (configs/paper/).
     per_task_csv: `test` also writes every test task's metrics to this CSV (one row per task, in task
         order), to compare two models task by task.
 
@@ -103,6 +116,8 @@ class MAML(L.LightningModule):
         per_task_csv: str | None = None,
         memory: Literal["auto", "store", "recompute"] = "auto",
         auto_memory_share: float = 0.5,
+        meta_grad_clip_value: float | None = None,
+        meta_grad_clip_norm: float | None = None,
     ):
         super().__init__()
         # Fail at start-up, not after data preparation, on settings the engine would reject at step 0.
@@ -121,7 +136,10 @@ class MAML(L.LightningModule):
                 "use must be in (0, 1], e.g. 0.5"
             )
         _check_options(learn_inner_lr, eval_inner_lr, msl_anneal_steps, second_order_from_step, first_order)
+        _check_clip("model.meta_grad_clip_value", meta_grad_clip_value)
+        _check_clip("model.meta_grad_clip_norm", meta_grad_clip_norm)
         self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
+        warn_ignored_model_settings(self)
         self.automatic_optimization = False
         self.network = network(num_outputs)
         self.loss = loss
@@ -134,6 +152,7 @@ class MAML(L.LightningModule):
         self.memory, self.auto_memory_share = memory, auto_memory_share
         # strategy="auto": {"strategy": ..., "memory": ...} measured on the first meta-batch (or restored).
         self.auto_choice: dict[str, str] | None = None
+        self._auto = auto_strategy.AutoRun.for_settings(strategy, compile)  # refuses compile with auto
         self.eval_inner = dict(
             steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
             lr=inner_lr if eval_inner_lr is None else eval_inner_lr,
@@ -165,6 +184,7 @@ class MAML(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.per_task_csv = per_task_csv
+        self.meta_grad_clip = dict(value=meta_grad_clip_value, norm=meta_grad_clip_norm)
         self._test_metrics: list[dict[str, Tensor]] = []
         # The deferred finite check's state, on the device: the meta-step counter and the first non-finite
         # step (-1 while every meta-loss was finite). Counted there, not copied from the host every step.
@@ -175,7 +195,7 @@ class MAML(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.checkpoint_step = checkpoint.get("global_step")
         if self.strategy == "auto" and "fmaml_auto_choice" in checkpoint:
-            self.auto_choice = checkpoint["fmaml_auto_choice"]  # a resume continues as it ran
+            self._auto.restored = checkpoint["fmaml_auto_choice"]  # used where it still applies
         # Lightning's own error lists every mismatched tensor; say first what went wrong and what to do.
         mine = {name: tuple(t.shape) for name, t in self.state_dict().items()}
         theirs = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
@@ -205,33 +225,121 @@ class MAML(L.LightningModule):
 
     def _execution(self) -> dict[str, str]:
         """The concrete strategy and memory mode (the measured choice, for strategy="auto")."""
+        if self._auto.restored is not None:
+            self._restore_auto_choice()
         if self.auto_choice is not None:
-            return dict(self.auto_choice)
+            return {"strategy": self.auto_choice["strategy"], "memory": self.auto_choice["memory"]}
         memory = "store" if self.memory == "auto" else self.memory
-        return {"strategy": self.strategy} | ({"memory": memory} if memory != "store" else {})
+        strategy = self.strategy
+        if strategy == "auto" and "mixed" in str(self._precision()):
+            strategy = "loop"  # vmap over the inner gradient fails under autocast (fmaml.cli)
+        return {"strategy": strategy} | ({"memory": memory} if memory != "store" else {})
 
-    def _choose_strategy(self, tasks) -> None:
-        """strategy="auto": measure on this meta-batch, once; under DDP rank 0's choice for all."""
-        from fmaml import auto_strategy  # the measuring stays out of the engine and the hot path
-
-        memories = ("store", "recompute") if self.memory == "auto" else (self.memory,)
+    def _auto_memories(self) -> tuple[str, ...]:
         if self.adapt_only is not None:
-            memories = ("store",)  # recompute does not support ANIL
+            return ("store",)  # recompute does not support ANIL
+        return ("store", "recompute") if self.memory == "auto" else (self.memory,)
+
+    def _precision(self) -> str | None:
+        return str(self.trainer.precision) if self._trainer is not None else None
+
+    def _auto_print(self, text: str) -> None:
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(text)
+
+    def _restore_auto_choice(self) -> None:
+        """A checkpoint's choice, checked once: kept where it still applies to this run, else dropped with
+        one line saying why (training then measures again; evaluation runs the engine's fixed rule)."""
+        saved, self._auto.restored = self._auto.restored, None
+        why = auto_strategy.restored_problem(
+            saved,
+            memories=self._auto_memories(),
+            device=self.device,
+            precision=self._precision(),
+            memory_share=self.auto_memory_share,
+        )
+        if self._trainer is not None:
+            why = self.trainer.strategy.broadcast(why)  # free memory differs by process: rank 0 decides
+        if not why:
+            self.auto_choice = saved
+            return
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        fixed = self._execution()  # the fixed rule, with neither a restored nor a measured choice
+        self._auto_print(
+            f"strategy=auto: the checkpoint's choice ({saved.get('strategy')}, memory={saved.get('memory')}) "
+            f"is not used: {why}. "
+            + (
+                "Measuring again on the next training meta-batch."
+                if fitting
+                else "Evaluating with the fixed rule (fmaml.maml.resolve_strategy): strategy="
+                f"{resolve_strategy(fixed['strategy'], self.network, self.device)}, "
+                f"memory={fixed.get('memory', 'store')}."
+            )
+        )
+
+    def _auto_prepare(self, tasks, inner: dict) -> None:
+        """strategy="auto", before a training meta-step: measure where no choice holds for this step's
+        cost-changing settings (the first step; a checkpoint's choice that does not apply; a change of
+        derivative order or multi-step loss since the choice), and time the step if a cached choice is
+        being checked."""
+        if self._auto.restored is not None:
+            self._restore_auto_choice()
+        settings = auto_strategy.phase(inner)
+        if self.auto_choice is not None and self.auto_choice["phase"] != settings:
+            self._auto_print(
+                "strategy=auto: the choice was measured under "
+                f"{auto_strategy.describe_phase(self.auto_choice['phase'])}; step {self.global_step} runs "
+                f"{auto_strategy.describe_phase(settings)}, which costs differently: measuring again"
+            )
+            self.auto_choice = None
+        if self.auto_choice is None:
+            self._choose_strategy(tasks, inner)
+        if self._auto.check is not None:
+            self._auto.check.start()
+
+    def _choose_strategy(self, tasks, inner: dict, refresh: bool = False) -> None:
+        """strategy="auto": measure on this meta-batch (or take the cache's choice, then checked against the
+        first real meta-steps); under DDP rank 0's choice for all."""
         choice = auto_strategy.choose(
             dict(self.network.named_parameters()),
             dict(self.network.named_buffers()),
             tasks,
             model=self.network,
             loss=self.loss,
-            memories=memories,
+            memories=self._auto_memories(),
             memory_share=self.auto_memory_share,
-            loop_only="mixed" in str(self.trainer.precision) if self._trainer is not None else False,
-            **self._train_inner(),
+            refresh=refresh,
+            loop_only="mixed" in str(self._precision()),
+            **inner,
         )
-        if self._trainer is None or self.trainer.is_global_zero:
-            print(choice.summary())
-        chosen = {"strategy": choice.strategy, "memory": choice.memory}
-        self.auto_choice = self.trainer.strategy.broadcast(chosen) if self._trainer is not None else chosen
+        self._auto_print(choice.summary())
+        chosen = {
+            "strategy": choice.strategy,
+            "memory": choice.memory,
+            "device": auto_strategy.device_name(self.device),
+            "precision": self._precision(),
+            "predicted_bytes": choice.chosen["predicted_bytes"],
+            "phase": auto_strategy.phase(inner),
+            "check_seconds": choice.chosen["seconds"] if choice.cached else None,
+        }
+        if self._trainer is not None:
+            chosen = self.trainer.strategy.broadcast(chosen)
+        self._auto.watch(chosen.pop("check_seconds"), self.device)
+        self.auto_choice = chosen
+
+    def on_train_batch_end(self, outputs, tasks, batch_idx) -> None:
+        """strategy="auto": a cached choice's check, on its first real meta-steps only."""
+        if self._auto.check is None:
+            return
+        why = self._auto.check.stop()
+        if why is None:
+            return
+        self._auto.check = None
+        if self._trainer is not None:
+            why = self.trainer.strategy.broadcast(why)  # every process measures again, or none
+        if why:
+            self._auto_print(f"strategy=auto: {why}")
+            self._choose_strategy(tasks, self._train_inner(), refresh=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.raise_if_not_finite()
@@ -278,10 +386,11 @@ class MAML(L.LightningModule):
         # logged on those steps only, and the "before adaptation" metrics, one more query forward per task
         # (about a sixth of a ConvNet meta-step), are only computed then. The progress bar updates then too.
         logs = self._logs_this_step()
-        if self.strategy == "auto" and self.auto_choice is None:
-            self._choose_strategy(tasks)
+        inner = self._train_inner()
+        if self.strategy == "auto":
+            self._auto_prepare(tasks, inner)
         value, metrics = self._meta_loss(
-            tasks, dict(self.network.named_parameters()), metrics_before=logs, **self._train_inner()
+            tasks, dict(self.network.named_parameters()), metrics_before=logs, **inner
         )
         if self._defers_finite_check(value):
             self._guarded_update(optimizer, value)
@@ -292,6 +401,7 @@ class MAML(L.LightningModule):
                     f"updating on it. {self._nonfinite_hint()}"
                 )
             self.manual_backward(value)
+            _clip_meta_gradient(optimizer, **self.meta_grad_clip)
             optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -322,6 +432,7 @@ class MAML(L.LightningModule):
         keep = healthy & finite
         self._first_nonfinite_step = torch.where(healthy & ~finite, step, self._first_nonfinite_step)
         self.manual_backward(value)
+        _clip_meta_gradient(optimizer, **self.meta_grad_clip)
         before = {id(t): t.detach().clone() for t in _update_tensors(optimizer, keep.device)}
         optimizer.step()
         with torch.no_grad():
@@ -482,6 +593,28 @@ def _check_options(
             "meta-step, but model.first_order=true keeps every step first order: set first_order: false "
             "(or drop second_order_from_step)"
         )
+
+
+def _check_clip(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(
+            f"{name}={value!r}: a meta-gradient clipping threshold must be a positive finite number, e.g. "
+            "10.0; leave it unset (null) for no clipping"
+        )
+
+
+def _clip_meta_gradient(optimizer: torch.optim.Optimizer, value: float | None, norm: float | None) -> None:
+    """Clip the meta-gradient of everything the meta-optimizer updates, learned inner rates included.
+    Without a host sync, so that the deferred finite check keeps the device queue full."""
+    if value is None and norm is None:
+        return
+    parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if value is not None:
+        torch.nn.utils.clip_grad_value_(parameters, value)
+    if norm is not None:
+        torch.nn.utils.clip_grad_norm_(parameters, norm)
 
 
 def _adapted_names(network: nn.Module, prefixes: list[str] | None) -> list[str] | None:

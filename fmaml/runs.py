@@ -80,9 +80,19 @@ def run_config(ckpt_path: str) -> tuple[dict | None, str]:
 
 
 def differences(command: dict, run: dict, keep) -> list[tuple[str, object, object]]:
-    """(key, command's value, run's value) for every key where `keep(key)` and the two differ."""
-    keys = sorted(k for k in command.keys() | run.keys() if keep(k))
+    """(key, command's value, run's value) for every key where `keep(key)` and the two differ.
+
+    A key the run does not store is a setting added to fmaml after the run was written: the run knew
+    only its default, so it is not held against the command (a network it changes is still refused by
+    the checkpoint's tensor shapes, `MAML.on_load_checkpoint`). Unless the run stores a value above it:
+    `model.lr_scheduler: null` in the run against the command's `model.lr_scheduler.class_path` differ."""
+    keys = sorted(k for k in command.keys() | run.keys() if keep(k) and (k in run or _stored_above(k, run)))
     return [(k, command.get(k), run.get(k)) for k in keys if command.get(k) != run.get(k)]
+
+
+def _stored_above(key: str, run: dict) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in run for i in range(1, len(parts)))
 
 
 def describe(diffs: list[tuple[str, object, object]]) -> str:

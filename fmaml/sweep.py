@@ -31,8 +31,12 @@ one sweep.
   any worker of the study next looks (at start and before each trial), the trial is marked failed and
   retried once as a new trial, so nothing stays RUNNING.
 - Each trial logs to ``<save-dir>/sweeps/<name>/<number>-<values>``: its own TensorBoard version, and its
-  console output in ``output.log`` there. At the end: a table of every trial of the study (read from the
-  storage, so it covers every worker on every machine): values, state, objective, the last value of each
+  console output in ``output.log`` there. Given ``--trainer.default_root_dir DIR`` (on the command line
+  or in a config), a run puts its TensorBoard version and checkpoints under DIR (``DIR/<save-dir>/...``,
+  for a relative save-dir), while the sweep's own files (``optuna.db``, ``summary.csv``, each
+  ``output.log``) stay in ``<save-dir>/sweeps/<name>``. Each run reports the folder it logged to, and the
+  sweep reads the trial's metrics there and lists it as the trial's ``log_dir``. At the end: a table of
+  every trial of the study (read from the storage, so it covers every worker on every machine): values, state, objective, the last value of each
   metric matching ``--metrics`` (default ``val/*`` and ``test/*``), wall time and log dir; also written
   as ``summary.csv`` in the sweep's folder; searches also print the best trial. ``--dry-run`` prints the
   commands and runs nothing. Plots: ``optuna-dashboard sqlite:///logs/sweeps/<name>/optuna.db``
@@ -132,6 +136,7 @@ def version_names(combos: list[dict[str, str]], names: dict[str, str]) -> list[s
 
 Search = list[tuple[str, optuna.distributions.BaseDistribution]]  # (parameter, how to sample it)
 PRUNED_AT = "pruned_at_step"  # user attr a trial's run sets when the pruner stopped it
+RUN_LOG_DIR = "run_log_dir"  # user attr a trial's run sets: the folder it logs to (what it resolved)
 DUPLICATE_OF = "duplicate_of"  # user attr of a trial skipped because another took its grid point
 
 
@@ -305,6 +310,12 @@ def last_metrics(log_dir: str, patterns: list[str]) -> dict[str, float]:
         for tag, points in sorted(curves.items())
         if points and any(fnmatch.fnmatch(tag, p) for p in patterns)
     }
+
+
+def shown(path: str) -> str:
+    """`path` relative to the working directory when inside it (shorter in the table), else absolute."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def tail(path: str, lines: int = 15) -> str:
@@ -496,16 +507,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"[trial {trial.number}] {version}: running, output in {log_dir}/output.log", flush=True
                 )
             code, wall = run_trial(cmd, log_dir, study._storage, trial._trial_id, args.heartbeat)
-            metrics = last_metrics(log_dir, [*patterns, args.metric])
+            reported = stored_trial(study, trial._trial_id).user_attrs  # what the run wrote there
+            run_dir = shown(reported.get(RUN_LOG_DIR, log_dir))  # a run that died early reported nothing
+            metrics = last_metrics(run_dir, [*patterns, args.metric])
             for key, value in {
                 "metrics": metrics,
                 "wall_s": wall,
-                "log_dir": log_dir,
+                "log_dir": run_dir,
                 "exit_code": code,
             }.items():
                 trial.set_user_attr(key, value)
             output = os.path.join(log_dir, "output.log")
-            pruned_at = stored_trial(study, trial._trial_id).user_attrs.get(PRUNED_AT)  # set by the run
+            pruned_at = reported.get(PRUNED_AT)
             if code == 0 and pruned_at is not None:
                 study.tell(trial, state=State.PRUNED)
                 status = f"pruned at step {pruned_at}"
@@ -516,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                 reason = (
                     f"exit {code}"
                     if code
-                    else f"{args.metric} not logged (it logged: {', '.join(metrics) or 'nothing'})"
+                    else f"{args.metric} not logged in {run_dir} (it logged: {', '.join(metrics) or 'nothing'})"
                 )
                 trial.set_user_attr("error", reason)
                 study.tell(trial, state=State.FAIL)

@@ -80,8 +80,9 @@ def test_a_resumed_fit_keeps_the_checkpoints_choice(tmp_path, monkeypatch):
     assert chosen["strategy"] in ("loop", "vmap") and chosen["memory"] in ("store", "recompute")
     checkpoint = torch.load("logs/fmaml/version_0/checkpoints/last.ckpt", weights_only=False)
     assert checkpoint["fmaml_auto_choice"] == chosen
+    assert chosen["device"] == "cpu" and chosen["precision"] == "32-true"
 
-    def no_measuring(self, tasks):
+    def no_measuring(self, tasks, inner, refresh=False):
         raise AssertionError("a resume measured again")
 
     monkeypatch.setattr(MAML, "_choose_strategy", no_measuring)

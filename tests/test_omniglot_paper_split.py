@@ -1,11 +1,14 @@
-"""The MAML paper's Omniglot split (`Omniglot(split="paper")`): 1200 / 423 characters, scaled on fixtures."""
+"""The MAML paper's Omniglot split (`Omniglot(split="paper")`): 1100 / 100 / 423 characters, as its
+reference code holds 100 of the paper's 1200 training characters out for validation; scaled on fixtures."""
 
+import hashlib
 import json
 import os
 import random
 import shutil
 
 import h5py
+import numpy as np
 import pytest
 from fixtures import real_omniglot_root, tiny_omniglot_root
 
@@ -14,11 +17,18 @@ from fmaml.data import MetaDataModule, Omniglot
 from fmaml.data.omniglot_files import PAPER_LABEL_FILES, paper_split, prepare_omniglot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPLITS = ("train", "val", "test")
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return tiny_omniglot_root(tmp_path_factory)  # 3 x 8 = 24 characters
+    return tiny_omniglot_root(tmp_path_factory)  # 3 x 8 = 24 characters: 17 / 1 / 6
+
+
+@pytest.fixture(scope="module")
+def root60(tmp_path_factory):
+    # 3 x 20 = 60 characters: 40 / 4 / 16, enough validation classes for 5-way tasks once rotated.
+    return tiny_omniglot_root(tmp_path_factory, chars_per_split=20)
 
 
 def labels(root: str, split: str) -> list[str]:
@@ -31,21 +41,45 @@ def all_characters(root: str) -> set[str]:
         return {f"{z}/{a}/{c}" for z in f for a in f[z] for c in f[z][a]}
 
 
-def test_train_and_test_characters_are_disjoint_and_cover_everything(root):
-    train, test = labels(root, "train"), labels(root, "test")
-    assert len(all_characters(root)) == 24
-    assert set(train).isdisjoint(test)
-    assert set(train) | set(test) == all_characters(root)
-    assert (len(train), len(test)) == (18, 6)  # round(1200 / 1623 * 24) = 18
+def split_before_validation(characters: list[str]) -> tuple[list[str], list[str]]:
+    """fmaml's paper split before it held validation characters out (train, test): the test set that
+    results were reported on, which must not change."""
+    ordered = sorted(characters)
+    shuffled = [ordered[i] for i in np.random.default_rng(1).permutation(len(ordered))]
+    num_train = round(1200 / 1623 * len(characters))
+    return shuffled[:num_train], shuffled[num_train:]
+
+
+def fingerprint(characters) -> str:
+    return hashlib.sha256(json.dumps(sorted(characters)).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("fixture, sizes", [("root", (17, 1, 6)), ("root60", (40, 4, 16))])
+def test_train_val_and_test_characters_are_disjoint_and_cover_everything(fixture, sizes, request):
+    root = request.getfixturevalue(fixture)
+    train, val, test = (labels(root, s) for s in SPLITS)
+    assert (len(train), len(val), len(test)) == sizes
+    assert set(train).isdisjoint(val) and set(train).isdisjoint(test) and set(val).isdisjoint(test)
+    assert set(train) | set(val) | set(test) == all_characters(root)
     # Shuffled across both zips, not background = train: the paper ignores the alphabets' origin.
     assert {t.split("/")[0] for t in train} == {"images_background", "images_evaluation"}
 
 
-@pytest.mark.parametrize("count, train", [(1623, 1200), (24, 18), (100, 74), (2, 1)])
-def test_split_sizes_follow_the_papers_proportion(count, train):
+@pytest.mark.parametrize(
+    "count, sizes", [(1623, (1100, 100, 423)), (60, (40, 4, 16)), (24, (17, 1, 6)), (100, (68, 6, 26))]
+)
+def test_split_sizes_follow_the_reference_codes_proportions(count, sizes):
     names = [f"images_background/A/character{i:04d}" for i in range(count)]
-    first, second = paper_split(names)
-    assert (len(first), len(second)) == (train, count - train)
+    assert tuple(len(part) for part in paper_split(names)) == sizes
+
+
+@pytest.mark.parametrize("count", [1623, 60, 24])
+def test_validation_is_carved_out_of_the_old_training_characters_and_test_is_unchanged(count):
+    names = [f"images_evaluation/B/character{i:04d}" for i in range(count)]
+    train, val, test = paper_split(names)
+    old_train, old_test = split_before_validation(names)
+    assert test == old_test
+    assert train + val == old_train  # validation is the last of the 1200, as the reference's [1100:1200]
 
 
 def test_shuffle_is_fixed_and_independent_of_input_order():
@@ -58,18 +92,18 @@ def test_shuffle_is_fixed_and_independent_of_input_order():
 
 
 @pytest.mark.parametrize("rotations", [True, False])
-def test_split_stats_and_built_datasets(root, rotations):
+def test_split_stats_and_built_datasets(root60, rotations):
     spec = Omniglot(split="paper", rotations=rotations)
     factor = 4 if rotations else 1
-    # Rotations are a training augmentation: meta-val/test keep the 6 characters unrotated.
-    expected = {"train": 18 * factor, "val": 6, "test": 6}
-    dm = MetaDataModule(spec, root=root, ways=5, shots=1, query_shots=1, meta_batch_size=2, num_val_tasks=2)
+    # Rotations augment meta-training and, as in the reference code, meta-validation; test is unrotated.
+    expected = {"train": 40 * factor, "val": 4 * factor, "test": 16}
+    dm = MetaDataModule(spec, root=root60, ways=3, shots=1, query_shots=1, meta_batch_size=2, num_val_tasks=2)
     for split, classes in expected.items():
-        assert spec.split_stats(root, split) == (classes, 20)
+        assert spec.split_stats(root60, split) == (classes, 20)
         built = dm._get(split).dataset
         assert len(built) == classes
         names = {"/".join(built.labels[i]) for i in range(built.num_classes)}
-        assert names == set(labels(root, "train" if split == "train" else "test"))
+        assert names == set(labels(root60, split))
 
 
 def test_vinyals_is_still_the_default(root):
@@ -77,18 +111,49 @@ def test_vinyals_is_still_the_default(root):
     assert Omniglot(rotations=False).split_stats(root, "val") == (8, 20)  # the 8 Vinyals val characters
 
 
+def copy_without_zips(root: str, tmp_path) -> str:
+    """A copy of root's prepared omniglot/ folder without the zips: a rebuild of data.hdf5 would raise."""
+    shutil.copytree(
+        os.path.join(root, "omniglot"), tmp_path / "omniglot", ignore=shutil.ignore_patterns("*.zip")
+    )
+    return str(tmp_path / "omniglot")
+
+
 def test_folder_prepared_before_the_paper_split_gets_its_labels(root, tmp_path):
     """An old prepared folder (no paper jsons, no zips needed) gets them on prepare, without a rebuild."""
-    folder = tmp_path / "omniglot"
-    shutil.copytree(os.path.join(root, "omniglot"), folder, ignore=shutil.ignore_patterns("*.zip"))
-    originals = {name: (folder / name).read_text() for name in PAPER_LABEL_FILES}
+    folder = copy_without_zips(root, tmp_path)
+    originals = {name: open(os.path.join(folder, name)).read() for name in PAPER_LABEL_FILES}
     for name in PAPER_LABEL_FILES:
-        (folder / name).unlink()
-    mtime = os.path.getmtime(folder / "data.hdf5")
-    prepare_omniglot(str(folder), download=False)  # would raise without the zips if it rebuilt data.hdf5
-    assert {name: (folder / name).read_text() for name in PAPER_LABEL_FILES} == originals
-    assert os.path.getmtime(folder / "data.hdf5") == mtime
-    prepare_omniglot(str(folder), download=False)  # idempotent
+        os.remove(os.path.join(folder, name))
+    mtime = os.path.getmtime(os.path.join(folder, "data.hdf5"))
+    prepare_omniglot(folder, download=False)
+    assert {name: open(os.path.join(folder, name)).read() for name in PAPER_LABEL_FILES} == originals
+    assert os.path.getmtime(os.path.join(folder, "data.hdf5")) == mtime
+    prepare_omniglot(folder, download=False)  # idempotent
+
+
+def write_labels_of_the_split_without_validation(folder: str) -> None:
+    """Make `folder` look prepared by fmaml before validation was held out: paper_train_labels.json
+    with the 1200 (here scaled) characters that include today's validation ones, and no val file."""
+    train, test = split_before_validation(sorted(all_characters(os.path.dirname(folder))))
+    for split, keys in (("train", train), ("test", test)):
+        with open(os.path.join(folder, f"paper_{split}_labels.json"), "w") as f:
+            json.dump(sorted(k.split("/") for k in keys), f)
+    os.remove(os.path.join(folder, "paper_val_labels.json"))
+
+
+def test_folder_with_the_old_1200_423_labels_is_upgraded_when_the_split_is_read(root60, tmp_path):
+    """The old training labels include the new validation characters: reading them would train on
+    validation. The spec's first look at the folder rewrites them, without converting the zips."""
+    folder = copy_without_zips(root60, tmp_path)
+    write_labels_of_the_split_without_validation(folder)
+    test_before = labels(str(tmp_path), "test")
+    assert len(labels(str(tmp_path), "train")) == 44  # 40 + 4: the stale file
+    spec = Omniglot(split="paper", rotations=False)
+    assert [spec.split_stats(str(tmp_path), s)[0] for s in SPLITS] == [40, 4, 16]
+    train, val, test = (labels(str(tmp_path), s) for s in SPLITS)
+    assert set(train).isdisjoint(val) and test == test_before
+    assert (train, val, test) == tuple(labels(root60, s) for s in SPLITS)
 
 
 def test_bad_split_value():
@@ -110,14 +175,14 @@ def test_bad_split_value_on_the_command_line(capsys):
     assert "split" in capsys.readouterr().err
 
 
-def test_fast_dev_run_on_the_paper_split(root, tmp_path, monkeypatch):
+def test_fast_dev_run_on_the_paper_split(root60, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = main(
         [
             "fit",
             "--config",
             os.path.join(REPO, "configs", "omniglot_5w1s.yaml"),
-            f"--data.root={root}",
+            f"--data.root={root60}",
             "--data.dataset.init_args.split=paper",
             "--trainer.fast_dev_run=true",
             "--trainer.accelerator=cpu",
@@ -130,16 +195,21 @@ def test_fast_dev_run_on_the_paper_split(root, tmp_path, monkeypatch):
     )
     assert cli.datamodule.dataset.split == "paper"
     assert cli.trainer.global_step == 1
-    assert len(cli.datamodule._get("val").dataset) == 6  # the unrotated test characters
+    val = cli.datamodule._get("val").dataset
+    assert len(val) == 16  # the 4 validation characters, rotated as in training
+    assert {"/".join(val.labels[i]) for i in range(val.num_classes)} == set(labels(root60, "val"))
     assert "val/accuracy" in cli.trainer.callback_metrics
 
 
 @pytest.mark.real_data
 def test_real_omniglot_paper_split(tmp_path_factory):
     real = real_omniglot_root(tmp_path_factory)
-    train, test = labels(real, "train"), labels(real, "test")
-    assert (len(train), len(test)) == (1200, 423)
-    assert set(train).isdisjoint(test) and len(set(train) | set(test)) == 1623
+    train, val, test = (labels(real, s) for s in SPLITS)
+    assert (len(train), len(val), len(test)) == (1100, 100, 423)
+    assert set(train).isdisjoint(val) and set(train).isdisjoint(test) and set(val).isdisjoint(test)
+    assert len(set(train) | set(val) | set(test)) == 1623
+    # The 423 test characters fmaml reported results on before validation was held out.
+    assert fingerprint(test) == "6c65a5806de4d2e8"
+    assert fingerprint(train + val) == "262e38c71abb38df"
     spec = Omniglot(split="paper")
-    assert spec.split_stats(real, "train") == (4800, 20)
-    assert spec.split_stats(real, "val") == spec.split_stats(real, "test") == (423, 20)
+    assert [spec.split_stats(real, s) for s in SPLITS] == [(4400, 20), (400, 20), (423, 20)]

@@ -1,6 +1,6 @@
 """`python -m fmaml.sweep` on Optuna: grid and search parsing, dry run, and real sweeps of tiny sinusoid fits
 on a real SQLite study: two workers on one grid, a search read back from storage, a failing trial, a
-pruned trial, and a killed worker's trial."""
+trial whose run logs under --trainer.default_root_dir, a pruned trial, and a killed worker's trial."""
 
 import csv
 import glob
@@ -200,6 +200,30 @@ def test_a_failing_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path, caps
     assert [r["state"] for r in rows] == ["fail", "complete"]
     assert rows[0]["val/loss"] == "" and float(rows[1]["val/loss"]) > 0
     assert "inner_steps  state" in out
+
+
+@pytest.mark.slow
+def test_trials_given_a_default_root_dir_are_read_where_their_runs_logged(tmp_path, monkeypatch, capsys):
+    """`--trainer.default_root_dir R` puts a run's relative logger save_dir inside R: the sweep must read
+    the trial's metrics from R/logs/sweeps/..., not from ./logs/sweeps/... where nothing was logged."""
+    monkeypatch.chdir(tmp_path)  # the default --save-dir, logs, is relative: the case default_root_dir moves
+    root = tmp_path / "root"
+    code = main(["--name", "s", "--grid", "model.inner_lr=0.01", *TINY, f"--trainer.default_root_dir={root}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    run_dir = root / "logs" / "sweeps" / "s" / "0-inner_lr=0.01"
+    assert (
+        glob.glob(str(run_dir / "events.out.tfevents.*"))
+        and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    )
+    (trial,) = study(tmp_path / "logs").trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("error")
+    assert trial.value == trial.user_attrs["metrics"]["val/loss"] > 0
+    assert os.path.samefile(trial.user_attrs["log_dir"], run_dir)
+    with open(tmp_path / "logs" / "sweeps" / "s" / "summary.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert os.path.samefile(row["log_dir"], run_dir) and float(row["val/loss"]) == trial.value
+    assert "1 complete" in out
 
 
 @pytest.mark.slow

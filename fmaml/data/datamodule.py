@@ -32,6 +32,7 @@ from torchmeta.transforms import ClassSplitter
 from fmaml.data.specs import SPLIT_NAMES, DatasetSpec, Omniglot, Sinusoid
 from fmaml.data.tasks import FixedTasks, fixed_task_loader, random_task_loader
 from fmaml.data.tensor_tasks import InMemoryEpisodes, SinusoidEpisodes, tensor_task_loader
+from fmaml.settings_check import warn_ignored_data_settings
 
 ROOT_ENV = "FMAML_DATA_ROOT"
 SAMPLERS = ("auto", "tensor", "torchmeta")
@@ -116,6 +117,7 @@ class MetaDataModule(L.LightningDataModule):
         self.root = resolve_root(root)
         self.num_val_tasks, self.num_test_tasks, self.seed = num_val_tasks, num_test_tasks, seed
         self.save_hyperparameters(ignore=["dataset"])
+        warn_ignored_data_settings(self)
         self._metadatasets: dict[str, object] = {}
         self._train_seed: int | None = None  # fixed at the first train_dataloader, or by a checkpoint
         self._episodes: InMemoryEpisodes | SinusoidEpisodes | None = None  # the tensor sampler's data

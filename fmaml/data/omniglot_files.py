@@ -11,7 +11,8 @@ Output, in the same folder (what ``torchmeta.datasets.Omniglot`` reads):
 - ``vinyals_{train,val,test}_labels.json``: sorted ``[zip name, alphabet, character]`` triples of the
   Vinyals et al. (2016) split (from torchmeta's assets), and ``{train,test}_labels.json`` for the
   background/evaluation split.
-- ``paper_{train,test}_labels.json``: the MAML paper's split (Finn et al. 2017), see `paper_split`.
+- ``paper_{train,val,test}_labels.json``: the MAML paper's split (Finn et al. 2017), with the validation
+  characters of its reference code, see `paper_split`.
 
 The PNGs are decoded straight from the zips (no extraction to disk, no md5: rebuilt zips with identical
 pixels are fine). data.hdf5 is written to a temporary file and renamed last, so a crash never leaves a
@@ -45,12 +46,16 @@ DATA_FILE = "data.hdf5"
 TORCHMETA_LABEL_FILES = tuple(f"vinyals_{s}_labels.json" for s in ("train", "val", "test")) + tuple(
     f"{s}_labels.json" for s in ("train", "test")
 )
-PAPER_LABEL_FILES = ("paper_train_labels.json", "paper_test_labels.json")
+# Validation last: is_prepared keys on it, so a folder holding it never pairs it with the 1200-character
+# paper_train_labels.json an older fmaml wrote (a crash before it leaves the folder to be rewritten).
+PAPER_SPLITS = ("train", "test", "val")
+PAPER_LABEL_FILES = tuple(f"paper_{s}_labels.json" for s in PAPER_SPLITS)
 LABEL_FILES = TORCHMETA_LABEL_FILES + PAPER_LABEL_FILES
 IMAGE_SIZE = 105
-# The paper's split: all 1623 characters shuffled with this seed, the first 1200 for meta-training.
+# The paper's split: all 1623 characters shuffled with this seed, the first 1200 for meta-training, of
+# which the reference code holds the last 100 out for meta-validation.
 PAPER_SPLIT_SEED = 1
-PAPER_TRAIN_CHARACTERS, ALL_CHARACTERS = 1200, 1623
+PAPER_TRAIN_CHARACTERS, PAPER_VAL_CHARACTERS, ALL_CHARACTERS = 1200, 100, 1623
 
 
 class OmniglotZipError(ValueError):
@@ -68,7 +73,9 @@ def prepare_omniglot(folder: str, download: bool = True) -> None:
 
     Missing zips are downloaded (checked against the official md5) only if `download`; if that is off
     or fails, raises FileNotFoundError saying where to put which zips. A folder prepared by an older
-    fmaml (no ``paper_*_labels.json``) only gets those written.
+    fmaml (no ``paper_*_labels.json``, or the old 1200/423 ones without ``paper_val_labels.json``) only
+    gets all three rewritten, so the old 1200 training characters, which include the new validation
+    ones, are never read.
     """
     folder = os.path.abspath(os.path.expanduser(folder))
     if is_prepared(folder):
@@ -77,8 +84,9 @@ def prepare_omniglot(folder: str, download: bool = True) -> None:
     if os.path.isfile(data_file) and all(
         os.path.isfile(os.path.join(folder, n)) for n in TORCHMETA_LABEL_FILES
     ):
-        # Prepared before the paper split existed: data.hdf5 is complete (it is written last), so the
-        # paper's labels can be added from its keys in a second, without converting the zips again.
+        # Prepared before the paper split or its validation set existed: data.hdf5 is complete (it is
+        # written last), so the paper's labels can be rewritten from its keys in a second, without
+        # converting the zips again.
         with h5py.File(data_file, "r") as f:
             present = {f"{z}/{a}/{c}" for z in f for a in f[z] for c in f[z][a]}
         _write_paper_label_files(folder, present)
@@ -193,25 +201,31 @@ def _write_label_files(folder: str, present: set[str]) -> None:
     _write_paper_label_files(folder, present)
 
 
-def paper_split(characters: list[str]) -> tuple[list[str], list[str]]:
-    """The MAML paper's class split (Finn et al. 2017, section 5.2): (train, test) character keys.
+def paper_split(characters: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """The MAML paper's class split (Finn et al. 2017, section 5.2): (train, val, test) character keys.
 
     All characters of both zips (``"images_background/<Alphabet>/characterNN"``) are sorted, shuffled by
-    ``numpy.random.default_rng(PAPER_SPLIT_SEED)``, and the first ``round(1200 / 1623 * N)`` are for
-    meta-training, the rest for meta-test: 1200 / 423 on the real N = 1623, the same proportion on
-    smaller test fixtures. The paper gives no seed (its code shuffles directory listings with Python's
-    ``random.seed(1)``, which depends on the file system's order), so this is *a* random 1200/423 split,
-    the same on every machine, not the paper's exact characters.
+    ``numpy.random.default_rng(PAPER_SPLIT_SEED)``, and the first ``round(1200 / 1623 * N)`` are the
+    paper's meta-training characters, the rest its meta-test: 1200 / 423 on the real N = 1623. Of the
+    1200, the last ``round(100 / 1623 * N)`` are held out for meta-validation, as the paper's reference
+    code does (cbfinn/maml data_generator.py: ``num_val = 100``, train ``[:1100]``, val
+    ``[1100:1200]``, test ``[1200:]``): 1100 / 100 / 423, the same proportions on smaller test
+    fixtures. The test characters are the ones fmaml used before the validation set was carved out.
+    The paper gives no seed (its code shuffles directory listings with Python's ``random.seed(1)``,
+    which depends on the file system's order), so this is *a* random split of those sizes, the same on
+    every machine, not the paper's exact characters.
     """
     ordered = sorted(characters)  # independent of the order the zips or the hdf5 list them in
     shuffled = [ordered[i] for i in np.random.default_rng(PAPER_SPLIT_SEED).permutation(len(ordered))]
-    num_train = round(PAPER_TRAIN_CHARACTERS / ALL_CHARACTERS * len(characters))
-    return shuffled[:num_train], shuffled[num_train:]
+    num_meta_train = round(PAPER_TRAIN_CHARACTERS / ALL_CHARACTERS * len(characters))
+    num_train = num_meta_train - round(PAPER_VAL_CHARACTERS / ALL_CHARACTERS * len(characters))
+    return shuffled[:num_train], shuffled[num_train:num_meta_train], shuffled[num_meta_train:]
 
 
 def _write_paper_label_files(folder: str, present: set[str]) -> None:
-    for name, keys in zip(PAPER_LABEL_FILES, paper_split(list(present)), strict=True):
-        _write_json_atomic(os.path.join(folder, name), sorted(k.split("/") for k in keys))
+    keys = dict(zip(("train", "val", "test"), paper_split(list(present)), strict=True))
+    for split, name in zip(PAPER_SPLITS, PAPER_LABEL_FILES, strict=True):  # in that order: val last
+        _write_json_atomic(os.path.join(folder, name), sorted(k.split("/") for k in keys[split]))
 
 
 def _write_json_atomic(path: str, obj) -> None:

@@ -66,7 +66,7 @@ class DatasetSpec:
 
 
 class _PaperSplitClassDataset(OmniglotClassDataset):
-    """torchmeta's Omniglot classes, read from the paper split's ``paper_{train,test}_labels.json``.
+    """torchmeta's Omniglot classes, read from the paper split's ``paper_{train,val,test}_labels.json``.
 
     torchmeta builds the labels file name from this class attribute (``{1}`` is the meta-split), so a
     subclass is enough: nothing in torchmeta is patched.
@@ -87,13 +87,16 @@ class Omniglot(DatasetSpec):
             - ``"vinyals"`` (default): Vinyals et al. (2016), 1028 / 172 / 423 characters (torchmeta's
               split). ``rotations`` apply to every split.
             - ``"paper"``: the MAML paper's (Finn et al. 2017): all 1623 characters shuffled with a fixed
-              seed, 1200 for meta-training and the other 423 for meta-test (see
-              ``fmaml.data.omniglot_files.paper_split``; smaller fixtures keep the 1200/1623 proportion).
-              ``rotations`` augment meta-training only (the paper's "augmented with rotations by
-              multiples of 90 degrees"); meta-test keeps the 423 unrotated characters. The paper names
-              only training and test characters, so there is no separate validation set:
-              meta-validation uses the 423 test characters (other fixed tasks than the test's). fmaml never selects checkpoints by it: the last
-              checkpoint is the one tested. Only results on this split compare with the paper's.
+              seed, 1200 for meta-training and the other 423 for meta-test; as in the paper's reference
+              code, 100 of the 1200 are held out for meta-validation, so 1100 / 100 / 423 (see
+              ``fmaml.data.omniglot_files.paper_split``; smaller fixtures keep these proportions).
+              Validation, and so a sweep's ``val/loss`` and its pruner, never sees a test character.
+              ``rotations`` augment meta-training (the paper's "augmented with rotations by multiples of
+              90 degrees") and meta-validation, whose reference code draws its tasks through the same
+              rotations as training (each class turned by a random multiple of 90 degrees), so a
+              validation score ranks settings on the distribution they were trained for; meta-test
+              keeps the 423 unrotated characters, as before. Only results on this split compare with
+              the paper's.
 
     Files: ``<root>/omniglot/images_background.zip`` and ``images_evaluation.zip`` (official layout);
     ``prepare`` converts them once to ``data.hdf5`` + labels jsons (see fmaml.data.omniglot_files).
@@ -113,7 +116,7 @@ class Omniglot(DatasetSpec):
         if split not in self.SPLITS:
             raise ValueError(
                 f"data.dataset.split={split!r} is not an Omniglot split; set --data.dataset.split to "
-                "vinyals (Vinyals et al., 1028/172/423 characters) or paper (Finn et al., 1200/423)"
+                "vinyals (Vinyals et al., 1028/172/423 characters) or paper (Finn et al., 1100/100/423)"
             )
         self.image_size = image_size
         self.rotations = rotations
@@ -127,10 +130,10 @@ class Omniglot(DatasetSpec):
     def _labels_file(self, split: Split) -> str:
         if self.split == "vinyals":
             return f"vinyals_{split}_labels.json"
-        return f"paper_{'train' if split == 'train' else 'test'}_labels.json"
+        return f"paper_{split}_labels.json"
 
     def _rotated(self, split: Split) -> bool:
-        return self.rotations and (self.split == "vinyals" or split == "train")
+        return self.rotations and (self.split == "vinyals" or split != "test")
 
     def split_stats(self, root: str, split: Split) -> tuple[int, int]:
         folder = os.path.join(root, "omniglot")
@@ -159,8 +162,7 @@ class Omniglot(DatasetSpec):
                 dataset_transform=splitter,
                 **kwargs,
             )
-        # Meta-validation reads the test characters: the paper has no validation set.
-        classes = _PaperSplitClassDataset(root, meta_split="train" if split == "train" else "test", **kwargs)
+        classes = _PaperSplitClassDataset(root, meta_split=split, **kwargs)
         return CombinationMetaDataset(
             classes, ways, target_transform=Categorical(ways), dataset_transform=splitter
         )
