@@ -47,15 +47,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from fmaml.inner_optimizers import SGD, InnerLR, InnerOptimizer, State
+
 Params = dict[str, Tensor]
 Tasks = Mapping[str, tuple[Tensor, Tensor]]
 LossName = Literal["cross_entropy", "mse"]
-# The inner learning rate: one float; a dict of per-parameter rates (Meta-SGD: a float or a tensor
-# shaped like the parameter); or a sequence of either, one per inner step (MAML++ per-step rates).
-# Tensors that require grad are learned: the meta-gradient reaches them too.
-InnerLR = (
-    float | Tensor | Mapping[str, float | Tensor] | Sequence[float | Tensor | Mapping[str, float | Tensor]]
-)
 # The multi-step loss: one weight per inner step, [steps]; None is MAML's loss after the last step only.
 StepWeights = Tensor | Sequence[float] | None
 
@@ -67,17 +63,11 @@ MEMORY = ("store", "recompute")
 # stored steps trade memory for time; on the ConvNet the difference between 1 and 2 is within this CPU's
 # timing noise, so one: the least memory.
 STORED_STEPS = 1
+# The paper's inner loop, θ - lr * g: the default inner optimizer (its own lr is unused: `lr` is passed).
+PLAIN_SGD = SGD()
 
 
 # ---------------------------------------------------------------------------------------------- one task
-
-
-def _lr_for(lr: InnerLR, step: int, name: str) -> float | Tensor:
-    if isinstance(lr, Sequence) and not isinstance(lr, str):
-        lr = lr[step]
-    if isinstance(lr, Mapping):
-        lr = lr[name]
-    return lr
 
 
 def _detached(params: Params) -> Params:
@@ -95,15 +85,20 @@ def adapt(
     lr: InnerLR = 0.4,
     first_order: bool = False,
     adapt_only: Collection[str] | None = None,
+    inner_optimizer: InnerOptimizer = PLAIN_SGD,
 ) -> Params:
-    """Adapt `params` to one task by `steps` steps of SGD on its support set.
+    """Adapt `params` to one task by `steps` steps of `inner_optimizer` (plain SGD) on its support set.
 
     support: (x [ways*shots, ...], y [ways*shots] or [K, 1]), a single task (no task dimension).
     Returns the adapted params, differentiable w.r.t. `params` (second order) unless `first_order`,
     which detaches each inner gradient (FOMAML). `adapt_only`: the names of the params to adapt (ANIL);
-    the others come back unchanged. None adapts them all.
+    the others come back unchanged. None adapts them all. `inner_optimizer`: see fmaml.inner_optimizers;
+    its state starts fresh here, and `lr` (possibly learned tensors) is its rate.
     """
-    inner = dict(model=model, loss=loss, steps=steps, lr=lr, first_order=first_order, adapt_only=adapt_only)
+    inner = dict(
+        model=model, loss=loss, steps=steps, lr=lr, first_order=first_order, adapt_only=adapt_only,
+        inner_optimizer=inner_optimizer,
+    )  # fmt: skip
     adapted = params
     for adapted in adapt_steps(params, buffers, support, **inner):  # noqa: B007 (only the last is wanted)
         pass
@@ -121,6 +116,7 @@ def adapt_steps(
     lr: InnerLR = 0.4,
     first_order: bool = False,
     adapt_only: Collection[str] | None = None,
+    inner_optimizer: InnerOptimizer = PLAIN_SGD,
 ) -> Iterator[Params]:
     """`adapt`, step by step: yields the params after each of the `steps` inner steps."""
     x, y = support
@@ -139,12 +135,30 @@ def adapt_steps(
     def support_loss(p: Params) -> Tensor:
         return loss_fn(functional_call(model, (p, *state), (x,)), y)
 
-    for step in range(steps):
+    every_step = _inner_steps(
+        support_loss, params, inner_optimizer.init(params), lr, range(steps), inner_optimizer, first_order
+    )
+    for adapted, _ in every_step:
+        yield adapted | frozen if frozen else adapted
+
+
+def _inner_steps(
+    support_loss: Callable[[Params], Tensor],
+    params: Params,
+    state: State,
+    lr: InnerLR,
+    steps: range,
+    inner_optimizer: InnerOptimizer,
+    first_order: bool,
+) -> Iterator[tuple[Params, State]]:
+    """The inner loop from (params, state): yields (params, optimizer state) after each step in `steps`."""
+    for step in steps:
         # First order: the inner gradient is a constant, so take it at detached params; that builds no
-        # graph for the outer derivative to walk (same values as detaching the gradient afterwards).
+        # graph for the outer derivative to walk (same values as detaching the gradient afterwards). The
+        # optimizer's own use of the params (weight decay) stays differentiable, as in `higher`.
         grads = grad(support_loss)(_detached(params) if first_order else params)
-        params = {name: p - _lr_for(lr, step, name) * grads[name] for name, p in params.items()}
-        yield params | frozen if frozen else params
+        params, state = inner_optimizer.update(grads, state, params, lr, step)
+        yield params, state
 
 
 def _evaluate(params: Params, buffers: Params, x: Tensor, y: Tensor, model: nn.Module, loss: LossName):
@@ -167,6 +181,7 @@ def task_loss(
     metrics_before: bool = True,
     step_weights: StepWeights = None,
     adapt_only: Collection[str] | None = None,
+    inner_optimizer: InnerOptimizer = PLAIN_SGD,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Adapt on one task's support set, then evaluate on its query set.
 
@@ -177,7 +192,10 @@ def task_loss(
     step_weights [steps]: the multi-step loss, sum_i step_weights[i] * (query loss after step i+1), at
     the cost of one query forward per step; the metrics stay those after the last step.
     """
-    inner = dict(model=model, loss=loss, steps=steps, lr=lr, first_order=first_order, adapt_only=adapt_only)
+    inner = dict(
+        model=model, loss=loss, steps=steps, lr=lr, first_order=first_order, adapt_only=adapt_only,
+        inner_optimizer=inner_optimizer,
+    )  # fmt: skip
     query_x, query_y = task["query"]
     if step_weights is None:
         adapted = adapt(params, buffers, task["support"], **inner)
@@ -248,24 +266,28 @@ def task_loss_and_grad_recompute(
     step_weights: StepWeights = None,
     learned_rates: Sequence[Tensor] = (),
     with_rates: Callable | None = None,
+    inner_optimizer: InnerOptimizer = PLAIN_SGD,
 ) -> tuple[tuple[Params, list[Tensor]], Tensor, dict]:
     """`task_loss_and_grad` in memory that does not grow with the inner steps: ((param grads, rate grads),
     query loss, metrics), the same values to rounding.
 
-    Only the inner iterates θ_0..θ_k are kept; the meta-gradient runs backwards over the steps, each
-    recomputed alone (../shared/DESIGN.md, "Bounded memory"). With θ_{i+1} = θ_i - α_i ⊙ g_i, g_i the
-    support gradient at θ_i, and J = Σ_i w_i L_q(θ_i):
-        a = w_k ∇L_q(θ_k);  for i = k-1 .. 0:  dJ/dα_i = -a ⊙ g_i;  a <- a - H_s(θ_i)(α_i ⊙ a) + w_i ∇L_q(θ_i)
-    and dJ/dθ_0 = a (first order drops the Hessian term). H·v is reverse-over-reverse, the gradient of
-    θ -> <∇L_s(θ), v>: it is exact under vmap through batch_norm, where forward-over-reverse is not.
+    Only the inner iterates z_i = (θ_i, s_i), params and optimizer state, are kept; the meta-gradient runs
+    backwards over the steps, each recomputed alone (../shared/DESIGN.md, "Bounded memory"). With the step
+    z_{i+1} = Φ_i(z_i, α) = update(∇L_s(θ_i), s_i, θ_i, α, i) and J = Σ_i w_i L_q(θ_i):
+        ā = (w_k ∇L_q(θ_k), 0);  for i = k-1 .. 0:  dJ/dα += (∂Φ_i/∂α)ᵀ ā;  ā <- (∂Φ_i/∂z_i)ᵀ ā + (w_i ∇L_q(θ_i), 0)
+    and dJ/dθ_0 = ā's θ part. Each adjoint step is the gradient of (z, α) -> <Φ_i(z, α), ā>: for plain SGD,
+    ā - H_s(θ_i)(α ⊙ ā) and -ā ⊙ g_i. It is reverse over reverse (through ∇L_s inside Φ), exact under vmap
+    through batch_norm, where forward-over-reverse is not. First order takes ∇L_s at detached θ inside Φ.
     learned_rates / with_rates: the learned tensors of `lr` and the function that rebuilds `lr` from them
     (`_learned_rates`); their gradient comes out as the second element.
     """
     x, y = task["support"]
     query_x, query_y = task["query"]
     loss_fn = LOSSES[loss]
-    if learned_rates:
-        lr = with_rates(list(learned_rates))
+    rates = list(learned_rates)
+
+    def rate(rates: list[Tensor]) -> InnerLR:
+        return with_rates(rates) if learned_rates else lr
 
     def support_loss(p: Params) -> Tensor:
         return loss_fn(functional_call(model, (p, buffers), (x,)), y)
@@ -279,56 +301,46 @@ def task_loss_and_grad_recompute(
     start = max(steps - STORED_STEPS, 0)
     weights = [0.0] * (steps - 1) + [1.0] if step_weights is None else list(step_weights)
 
-    # Forward: only the iterates up to θ_start, without any graph (support gradients are recomputed later).
-    thetas = [params]
-    for step in range(start):
-        g = grad(support_loss)(thetas[-1])
-        thetas.append({n: p - _lr_for(lr, step, n) * g[n] for n, p in thetas[-1].items()})
+    # Forward: only the iterates up to z_start, without any graph (support gradients are recomputed later).
+    iterates = [(params, inner_optimizer.init(params))]
+    iterates += _inner_steps(support_loss, *iterates[0], rate(rates), range(start), inner_optimizer, False)
 
-    def stored_steps_loss(p: Params, rates: list[Tensor]) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
-        step_lr = with_rates(rates) if learned_rates else lr
-        if isinstance(step_lr, Sequence) and not isinstance(step_lr, str):
-            step_lr = step_lr[start:]  # a rate per step: those of the stored steps
-        value, metrics = task_loss(
-            p, buffers, task, model=model, loss=loss, steps=steps - start, lr=step_lr, first_order=first_order,
-            metrics_before=False, step_weights=None if step_weights is None else weights[start:],
-        )  # fmt: skip
+    def stored_steps_loss(theta: Params, state: State, rates: list[Tensor]):
+        every_step = _inner_steps(
+            support_loss, theta, state, rate(rates), range(start, steps), inner_optimizer, first_order
+        )
+        value = 0.0
+        for i, (theta, _) in zip(range(start, steps), every_step, strict=True):
+            last, accuracy = _evaluate(theta, buffers, query_x, query_y, model, loss)
+            value = value + weights[i] * last
+        metrics = {"loss": last.detach()} | ({"accuracy": accuracy} if accuracy is not None else {})
         return value, (value, metrics)
 
-    (a, rate_grads), (_, (value, last_metrics)) = grad_and_value(
-        stored_steps_loss, argnums=(0, 1), has_aux=True
-    )(thetas[start], list(learned_rates))
-    value = value.detach()
-    rate_grads = list(rate_grads)
+    (a_theta, a_state, rate_grads), (value, last_metrics) = grad(
+        stored_steps_loss, argnums=(0, 1, 2), has_aux=True
+    )(*iterates[start], rates)
+    value, rate_grads = value.detach(), list(rate_grads)
 
-    def rates_term(rates: list[Tensor], i: int, g: Params, a_next: Params) -> Tensor:
-        # dJ/dα_i = -a_{i+1} ⊙ g_i, summed the way `lr` uses each rate (a scalar rate over its tensor, a
-        # shared rate over the steps): the gradient of this linear function of the rates.
-        rebuilt = with_rates(rates)
-        return -sum((_lr_for(rebuilt, i, n) * g[n] * a_next[n]).sum() for n in a_next)
-
-    def support_grad_dot(p: Params, v: Params) -> tuple[Tensor, Params]:
-        g = grad(support_loss)(p)
-        return sum((g[n] * v[n]).sum() for n in g), {n: t.detach() for n, t in g.items()}
+    def step_dot(theta: Params, state: State, rates: list[Tensor], i: int, a_theta: Params, a_state: State):
+        # <Φ_i(z, α), ā>: its gradient is one adjoint step (and this step's share of dJ/dα).
+        step = _inner_steps(
+            support_loss, theta, state, rate(rates), range(i, i + 1), inner_optimizer, first_order
+        )
+        new_theta, new_state = next(step)
+        return _dot(new_theta, a_theta) + _dot(new_state, a_state)
 
     for i in reversed(range(start)):
-        # Here a = dJ/dθ_{i+1} from the later terms: add θ_{i+1}'s own query term, then step back to θ_i.
-        theta_next = thetas.pop()  # no longer needed after this
+        # Here ā = dJ/dz_{i+1} from the later terms: add θ_{i+1}'s own query term, then step back to z_i.
+        theta_next, _ = iterates.pop()  # no longer needed after this
         if weights[i] != 0:
             query_grad, value_i = grad_and_value(query_loss)(theta_next)
             value = value + weights[i] * value_i.detach()
-            a = {n: a[n] + weights[i] * query_grad[n] for n in a}
+            a_theta = {n: a_theta[n] + weights[i] * query_grad[n] for n in a_theta}
         del theta_next
-        g = None
-        if not first_order:
-            v = {n: _lr_for(lr, i, n) * a[n] for n in a}
-            hv, g = grad(support_grad_dot, has_aux=True)(thetas[i], v)  # H_s(θ_i) v, and g_i on the way
-        if learned_rates:
-            g = grad(support_loss)(thetas[i]) if g is None else g
-            step_rate_grads = grad(rates_term)(list(learned_rates), i, g, a)
-            rate_grads = [total + r for total, r in zip(rate_grads, step_rate_grads, strict=True)]
-        if not first_order:
-            a = {n: a[n] - hv[n] for n in a}
+        a_theta, a_state, step_rate_grads = grad(step_dot, argnums=(0, 1, 2))(
+            *iterates[i], rates, i, a_theta, a_state
+        )
+        rate_grads = [total + r for total, r in zip(rate_grads, step_rate_grads, strict=True)]
 
     metrics = {k: v.detach() for k, v in last_metrics.items()}
     if metrics_before:
@@ -336,7 +348,14 @@ def task_loss_and_grad_recompute(
         metrics["loss_before"] = value_before.detach()
         if accuracy_before is not None:
             metrics["accuracy_before"] = accuracy_before
-    return (a, rate_grads), value.detach(), metrics
+    return (a_theta, rate_grads), value, metrics
+
+
+def _dot(a, b) -> Tensor:
+    """Σ a·b over two pytrees of tensors of the same structure (0 when they hold none)."""
+    return sum(
+        ((x * y).sum() for x, y in zip(tree_flatten(a)[0], tree_flatten(b)[0], strict=True)), start=0.0
+    )
 
 
 # ------------------------------------------------------------------------------------------ strategies
@@ -418,6 +437,7 @@ def meta_loss(
     step_weights: StepWeights = None,
     adapt_only: Collection[str] | None = None,
     memory: Literal["store", "recompute"] = "store",
+    inner_optimizer: InnerOptimizer = PLAIN_SGD,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The MAML meta-objective over a meta-batch: the mean over tasks of the post-adaptation query loss.
 
@@ -427,6 +447,8 @@ def meta_loss(
               "loop" (a Python loop), "chunked:N" (vmap over N tasks at a time, to bound memory), or
               "auto" (see `resolve_strategy`). All give the same loss and meta-gradient.
     lr: see `InnerLR`; its tensors that require grad are learned inner rates (Meta-SGD, MAML++ LSLR).
+    inner_optimizer: the inner loop's update rule (fmaml.inner_optimizers: SGD with momentum, Adam, RMSprop,
+              ...), its state fresh for every task, `lr` its rate; plain SGD by default.
     step_weights [steps]: the multi-step loss (MAML++ MSL, see `msl_weights`); None: the last step's only.
     adapt_only: the names of the params the inner loop adapts (ANIL); None: all of them.
     memory: "store" keeps every inner step's graph for the meta-gradient (memory grows with the steps);
@@ -452,6 +474,7 @@ def meta_loss(
         step_weights=step_weights,
         adapt_only=adapt_only,
         memory=memory,
+        inner_optimizer=inner_optimizer,
     )
     strategy = resolve_strategy(strategy, model, tasks["support"][0].device)
     config = dict(
@@ -463,6 +486,7 @@ def meta_loss(
         metrics_before=metrics_before,
         step_weights=step_weights,
         adapt_only=adapt_only,
+        inner_optimizer=inner_optimizer,
     )
     names = [name for name, p in params.items() if p.requires_grad]
     learned, with_rates = _learned_rates(lr) if torch.is_grad_enabled() else ([], None)
@@ -607,9 +631,14 @@ def check_arguments(
     step_weights=None,
     adapt_only=None,
     memory="store",
+    inner_optimizer=PLAIN_SGD,
 ) -> None:
     """Raise a ValueError that names the argument, its value and the fix, before any work starts."""
     check_steps(steps)
+    if not isinstance(inner_optimizer, InnerOptimizer):
+        raise ValueError(
+            f"inner_optimizer={inner_optimizer!r}: give one of fmaml.inner_optimizers' (e.g. SGD())"
+        )
     check_memory(memory, adapt_only)
     check_adapt_only(adapt_only, params)
     adapted = set(params) if adapt_only is None else set(adapt_only)
