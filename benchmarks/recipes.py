@@ -75,6 +75,18 @@ RECIPES: dict[str, dict] = {
         "label": "Meta-SGD",
     },
     "anil": {"args": ["--config", "configs/omniglot_anil.yaml", *TASK_5W1S], "label": "ANIL"},
+    # MAML with an Adam inner loop (torch.optim.Adam's rule, differentiated through): one step of Adam
+    # moves each weight by about lr whatever its gradient's scale (m/sqrt(v) is ~sign(g) at the first
+    # step), so lr is the step size itself: 0.01, about a sixth of the conv weights' initial spread.
+    "maml_adam": {
+        "args": [
+            "--config",
+            "configs/omniglot_5w1s.yaml",
+            "--model.inner_optimizer=torch.optim.Adam",
+            "--model.inner_optimizer.lr=0.01",
+        ],  # fmt: skip
+        "label": "MAML, Adam inner loop",
+    },
     # Omniglot 20-way 1-shot, the paper's settings (5 inner steps of 0.1, meta-batch 16), its own budget.
     "maml_20w1s": {"args": ["--config", "configs/omniglot_20w1s.yaml"], "label": "MAML 20-way 1-shot"},
 }

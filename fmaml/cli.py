@@ -23,6 +23,7 @@ Defaults that differ from Lightning's, and why:
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 
@@ -301,6 +302,16 @@ def main(
         )
 
 
+# Settings an older fmaml took, and what a config says now.
+RENAMED = {
+    "inner_lr": "model.inner_optimizer.init_args.lr (the inner optimizer: `class_path: torch.optim.SGD`, "
+    "`init_args: {lr: 0.4}`)",
+    "learn_inner_lr": "model.inner_optimizer.init_args.learn_lr, with `class_path: fmaml.inner_optimizers.SGD` "
+    "(or Adam, ...)",
+}
+RENAMED_SETTING = re.compile(r"model\.(inner_lr|learn_inner_lr)\b")
+
+
 def command_line(args: list[str] | None = None) -> int:
     """`python -m fmaml`: `main`, with a start-up error printed as `error: <message>` alone on stderr (exit
     status 2 for a command line jsonargparse rejects, 1 otherwise) instead of a traceback of some 40 lines
@@ -322,6 +333,8 @@ def command_line(args: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         usage = isinstance(error, ArgumentError)
         hint = "--help lists every setting" if usage else f"{DEBUG_ENV}=1 shows the traceback"
+        if usage and (renamed := RENAMED_SETTING.search(str(error))):
+            hint = f"model.{renamed[1]} is now {RENAMED[renamed[1]]}"
         print(f"({hint})", file=sys.stderr)
         return 2 if usage else 1
     return 0

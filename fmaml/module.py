@@ -14,12 +14,20 @@ from typing import Literal
 
 import lightning as L
 import torch
+from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from fmaml import auto_strategy
-from fmaml.maml import (
+from fmaml.inner_optimizers import (
+    SGD,
     InnerLR,
+    InnerOptimizer,
+    from_config,
+    learned_rate_tensors,
+    rates_as_lr,
+)
+from fmaml.maml import (
     LossName,
     check_lr,
     check_memory,
@@ -32,13 +40,20 @@ from fmaml.maml import (
 from fmaml.schedules import CosineAnnealingToMaxSteps, check_max_steps_for_schedule
 from fmaml.settings_check import warn_ignored_model_settings
 
+# The paper's inner loop, SGD at 0.4 (Omniglot); lazy, so that LightningCLI shows it as a class_path.
+PAPER_INNER_OPTIMIZER = lazy_instance(SGD, lr=0.4)
+
 
 class MAML(L.LightningModule):
     """Meta-trains `network` with MAML.
 
     network: builds the model given its number of outputs, e.g. `fmaml.models.ConvNet`; the data module
         sets `num_outputs` (the number of ways) and `loss` through argument links, so nobody types them twice.
-    inner_steps, inner_lr: the inner loop while meta-training (the paper: 1 step at 0.4 on Omniglot).
+    inner_steps: the inner steps while meta-training (the paper: 1 step on Omniglot 5-way).
+    inner_optimizer: the inner loop's optimizer and its rate (the paper: SGD at 0.4): `class_path:
+        torch.optim.SGD` (or Adam, AdamW, RMSprop, Adagrad) with torch's `init_args`, run as its
+        differentiable functional equivalent in `fmaml.inner_optimizers`, whose classes of the same names
+        also take `learn_lr` (below). Its state starts fresh for every task.
     eval_inner_steps, eval_inner_lr: the inner loop at validation and test (None: same as training).
     first_order: FOMAML, detach the inner gradients.
     strategy: how tasks are run, see `fmaml.maml.meta_loss` ("auto", "vmap", "loop", "chunked:N").
@@ -49,11 +64,12 @@ class MAML(L.LightningModule):
         `fmaml.schedules.CosineAnnealingToMaxSteps`, configs/omniglot_mamlpp.yaml).
 
     The MAML++ / Meta-SGD / ANIL options, each off by default:
-    learn_inner_lr: meta-learn the inner rates, initialised to `inner_lr`: "per_parameter" (Meta-SGD, a
-        rate tensor shaped like each parameter, used at every step) or "per_layer_per_step" (MAML++ LSLR, a
-        scalar per parameter tensor per inner step). They live in `inner_lrs` (checkpointed, updated by the
-        meta-optimizer, any sign allowed, mean logged as train/inner_lr_mean). Evaluation uses them too;
-        with per-step rates, evaluation steps beyond `inner_steps` reuse the last step's rate.
+    inner_optimizer's learn_lr (`class_path: fmaml.inner_optimizers.SGD`, any of its optimizers): meta-learn
+        the inner rates, initialised to its lr: "per_parameter" (Meta-SGD, a rate tensor shaped like each
+        parameter, used at every step) or "per_layer_per_step" (MAML++ LSLR, a scalar per parameter tensor
+        per inner step). They live in `inner_lrs` (checkpointed, updated by the meta-optimizer, any sign
+        allowed, mean logged as train/inner_lr_mean). Evaluation uses them too; with per-step rates,
+        evaluation steps beyond `inner_steps` reuse the last step's rate.
     multi_step_loss, msl_anneal_steps: MAML++'s multi-step loss, the query loss after every inner step
         weighted by `fmaml.maml.msl_weights` (uniform at first, annealed toward the last step over
         `msl_anneal_steps` meta-steps, 10 epochs of 500 in MAML++), then the last step's loss only, as
@@ -100,7 +116,7 @@ class MAML(L.LightningModule):
         num_outputs: int = 5,
         loss: LossName = "cross_entropy",
         inner_steps: int = 1,
-        inner_lr: float = 0.4,
+        inner_optimizer: InnerOptimizer | OptimizerCallable = PAPER_INNER_OPTIMIZER,
         eval_inner_steps: int | None = None,
         eval_inner_lr: float | None = None,
         first_order: bool = False,
@@ -108,7 +124,6 @@ class MAML(L.LightningModule):
         compile: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
-        learn_inner_lr: Literal["off", "per_parameter", "per_layer_per_step"] = "off",
         multi_step_loss: bool = False,
         msl_anneal_steps: int = 5000,
         second_order_from_step: int | None = None,
@@ -122,7 +137,7 @@ class MAML(L.LightningModule):
         super().__init__()
         # Fail at start-up, not after data preparation, on settings the engine would reject at step 0.
         check_steps(inner_steps, "model.inner_steps")
-        check_lr(inner_lr, "model.inner_lr")
+        self.inner_optimizer = from_config(inner_optimizer)
         if eval_inner_steps is not None:
             check_steps(eval_inner_steps, "model.eval_inner_steps")
         if eval_inner_lr is not None:
@@ -135,10 +150,16 @@ class MAML(L.LightningModule):
                 f"model.auto_memory_share={auto_memory_share!r}: the share of free memory strategy=auto may "
                 "use must be in (0, 1], e.g. 0.5"
             )
-        _check_options(learn_inner_lr, eval_inner_lr, msl_anneal_steps, second_order_from_step, first_order)
+        _check_options(
+            self.inner_optimizer.learn_lr,
+            eval_inner_lr,
+            msl_anneal_steps,
+            second_order_from_step,
+            first_order,
+        )
         _check_clip("model.meta_grad_clip_value", meta_grad_clip_value)
         _check_clip("model.meta_grad_clip_norm", meta_grad_clip_norm)
-        self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["network", "inner_optimizer", "optimizer", "lr_scheduler"])
         warn_ignored_model_settings(self)
         self.automatic_optimization = False
         self.network = network(num_outputs)
@@ -146,9 +167,11 @@ class MAML(L.LightningModule):
         self.strategy = strategy
         self.meta_loss = torch.compile(meta_loss) if compile else meta_loss
         self.adapt_only = _adapted_names(self.network, adapt_only)
+        inner_lr = self.inner_optimizer.lr
         self.train_inner = dict(
-            steps=inner_steps, lr=inner_lr, first_order=first_order, adapt_only=self.adapt_only
-        )
+            steps=inner_steps, lr=inner_lr, first_order=first_order, adapt_only=self.adapt_only,
+            inner_optimizer=self.inner_optimizer,
+        )  # fmt: skip
         self.memory, self.auto_memory_share = memory, auto_memory_share
         # strategy="auto": {"strategy": ..., "memory": ...} measured on the first meta-batch (or restored).
         self.auto_choice: dict[str, str] | None = None
@@ -157,8 +180,8 @@ class MAML(L.LightningModule):
             steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
             lr=inner_lr if eval_inner_lr is None else eval_inner_lr,
             adapt_only=self.adapt_only,
+            inner_optimizer=self.inner_optimizer,
         )
-        self.learn_inner_lr = learn_inner_lr
         self.multi_step_loss = multi_step_loss
         self.msl_anneal_steps = msl_anneal_steps
         self.second_order_from_step = second_order_from_step
@@ -169,17 +192,12 @@ class MAML(L.LightningModule):
             if self.adapt_only is None or name in self.adapt_only
         }
         self.inner_lrs = None
-        if learn_inner_lr != "off":
+        if self.inner_optimizer.learn_lr != "off":
             parameters = dict(self.network.named_parameters())
+            adapted = {name: parameters[name] for name in self._rate_keys}
+            rates = learned_rate_tensors(self.inner_optimizer, adapted, inner_steps)
             self.inner_lrs = nn.ParameterDict(
-                {
-                    key: nn.Parameter(
-                        torch.full_like(parameters[name], inner_lr)
-                        if learn_inner_lr == "per_parameter"
-                        else torch.full((inner_steps,), float(inner_lr))
-                    )
-                    for name, key in self._rate_keys.items()
-                }
+                {self._rate_keys[name]: nn.Parameter(rate) for name, rate in rates.items()}
             )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -361,10 +379,7 @@ class MAML(L.LightningModule):
         rates = {name: self.inner_lrs[key] for name, key in self._rate_keys.items()}
         if detach:
             rates = {name: rate.detach() for name, rate in rates.items()}
-        if self.learn_inner_lr == "per_parameter":
-            return rates
-        last = self.train_inner["steps"] - 1
-        return [{name: rate[min(step, last)] for name, rate in rates.items()} for step in range(steps)]
+        return rates_as_lr(rates, self.inner_optimizer.learn_lr, steps, self.train_inner["steps"])
 
     def _train_inner(self) -> dict:
         """This meta-step's inner-loop settings: the fixed ones, plus the options that depend on the step."""
@@ -415,7 +430,7 @@ class MAML(L.LightningModule):
         return value
 
     def _nonfinite_hint(self) -> str:
-        return f"Lower model.inner_lr (now {self.hparams.inner_lr}) or the meta learning rate."
+        return f"Lower model.inner_optimizer's lr (now {self.inner_optimizer.lr}) or the meta learning rate."
 
     def _defers_finite_check(self, value: Tensor) -> bool:
         return value.device.type != "cpu" if self.defer_finite_check is None else self.defer_finite_check
@@ -564,15 +579,10 @@ def _check_options(
     learn_inner_lr, eval_inner_lr, msl_anneal_steps, second_order_from_step, first_order
 ) -> None:
     """The MAML++ / Meta-SGD options, checked at start-up with the parameter, its value and the fix."""
-    choices = ("off", "per_parameter", "per_layer_per_step")
-    if learn_inner_lr not in choices:
-        raise ValueError(
-            f"model.learn_inner_lr={learn_inner_lr!r} is unknown: use one of {', '.join(choices)}"
-        )
     if learn_inner_lr != "off" and eval_inner_lr is not None:
         raise ValueError(
-            f"model.eval_inner_lr={eval_inner_lr} with model.learn_inner_lr={learn_inner_lr}: evaluation "
-            "uses the learned rates; drop eval_inner_lr (or set learn_inner_lr: off)"
+            f"model.eval_inner_lr={eval_inner_lr} with model.inner_optimizer's learn_lr={learn_inner_lr}: "
+            "evaluation uses the learned rates; drop eval_inner_lr (or set learn_lr: off)"
         )
     if isinstance(msl_anneal_steps, bool) or not isinstance(msl_anneal_steps, int) or msl_anneal_steps < 1:
         raise ValueError(

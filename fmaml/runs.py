@@ -37,7 +37,7 @@ EXECUTION_ONLY = (
     "data.seed",
 )
 # The checkpoint's tensors are these settings' network: an evaluation cannot change them.
-NETWORK = ("model.network", "model.learn_inner_lr", "data.ways")
+NETWORK = ("model.network", "model.inner_optimizer.init_args.learn_lr", "data.ways")
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:

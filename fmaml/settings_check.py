@@ -69,6 +69,13 @@ def warn_ignored_model_settings(module) -> None:
             f"has no effect with model.inner_steps={hp.inner_steps}: recompute keeps the graph of the last "
             f"{STORED_STEPS} inner step(s) anyway, so there is nothing to recompute and the memory is store's",
         )
+    for flag, value in module.inner_optimizer.ignored_flags.items():
+        warn_ignored(
+            f"model.inner_optimizer.init_args.{flag}",
+            value,
+            "has no effect: it chooses how torch.optim computes its in-place step, and fmaml's functional "
+            "step is always differentiable, with one implementation",
+        )
     if hp.second_order_from_step == 0:
         warn_ignored(
             "model.second_order_from_step",
