@@ -9,7 +9,7 @@ Nothing here knows about Lightning, torchmeta or configs. State is explicit:
 
 The layers, from the inside out:
 
-    adapt(params, buffers, support)           -> adapted params          inner SGD, one task
+    adapt(params, buffers, support)           -> adapted params          the inner loop, one task
     adapt_steps(params, buffers, support)     -> params after each step  the same, step by step
     task_loss(params, buffers, task)          -> (query loss, metrics)   adapt + evaluate, one task
     task_loss_and_grad(params, buffers, task) -> (grads, loss, metrics)  d task_loss / d params, one task
@@ -24,6 +24,10 @@ backward, pytorch/functorch#534; see ../shared/repros/vmap_batchnorm_double_back
 `autograd.Function`: callers still write `meta_loss(...)[0].backward()`, and the result is exact under
 every strategy, for any model. (The loop strategy, which has no vmap, lets autograd differentiate the
 loop directly: the same per-task function, one backward pass.)
+
+The inner loop is an optimizer of fmaml.inner_optimizers, pure `init`/`update` functions over dicts of
+tensors (plain SGD by default, exactly θ - lr * g): SGD with momentum, Adam, RMSprop, ... run through the
+same code, its state fresh for each task, and every strategy and memory mode differentiates through it.
 
 The MAML++ / Meta-SGD / ANIL options, each off by default (and then costing nothing):
 - learned inner rates: any tensor of `lr` that requires grad is meta-learned, e.g. a dict of rates shaped
