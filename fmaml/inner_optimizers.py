@@ -78,7 +78,9 @@ class InnerOptimizer:
     torch_class: type[torch.optim.Optimizer]
 
     def __init__(self, lr: float, learn_lr: LearnLR = "off", **hyper):
-        self.lr, self.learn_lr, self.hyper = lr, learn_lr, hyper
+        # Numbers as floats, so that torch's int defaults (weight_decay=0) and fmaml's (0.0) compare equal.
+        hyper = {k: float(v) if type(v) is int else v for k, v in hyper.items()}
+        self.lr, self.learn_lr, self.hyper = float(lr) if type(lr) is int else lr, learn_lr, hyper
         # torch's IMPLEMENTATION_FLAGS a `class_path: torch.optim.X` config set away from their defaults.
         self.ignored_flags: dict[str, object] = {}
         self._check(lr, learn_lr, hyper)
@@ -130,7 +132,10 @@ class InnerOptimizer:
         try:
             self.torch_class([torch.zeros(1, requires_grad=True)], lr=lr, **hyper)
         except (ValueError, RuntimeError) as error:
-            raise ValueError(f"{where}: {error} (arguments {hyper})") from None
+            raise ValueError(
+                f"{where}: {error} (arguments {hyper}): give a value torch.optim.{self.torch_class.__name__} "
+                "accepts (its documentation lists each argument's range)"
+            ) from None
 
 
 class SGD(InnerOptimizer):
@@ -344,6 +349,8 @@ def from_config(value, name: str = "model.inner_optimizer") -> InnerOptimizer:
         )
     cls = SUPPORTED[type(built)]
     arguments = dict(built.defaults)
+    if cls is AdamW:
+        arguments.pop("decoupled_weight_decay", None)  # torch's AdamW sets it True itself; so does fmaml's
     ignored = _set_implementation_flags(type(built), arguments)
     known = set(inspect.signature(cls).parameters)
     if unknown := sorted(set(arguments) - known):
