@@ -11,10 +11,12 @@ The number reported is the median over `--repeats` steps after `--warmup` untime
 step ends with `torch.cuda.synchronize()`.
 
 Engines (`--engines`, default all):
-    higher              the original project's loop: per task, `higher.innerloop_ctx` with SGD,
-                        copy_initial_weights=False, and `(query_loss / T).backward()` accumulating .grad
+    higher              the original project's loop: per task, `higher.innerloop_ctx` with the inner
+                        optimizer (SGD by default), copy_initial_weights=False, and
+                        `(query_loss / T).backward()` accumulating .grad
     torchfunc_loop      a plain torch.func loop without fmaml: functional_call + grad for the inner
-                        steps, one autograd `.backward()` over the whole loop
+                        steps, one autograd `.backward()` over the whole loop; plain SGD only (with any
+                        other --inner-optimizer its record holds an `error` and no timing)
     fmaml_<strategy>    `fmaml.meta_loss(..., strategy=<strategy>)`, e.g. fmaml_vmap, fmaml_loop,
                         fmaml_chunked:8, fmaml_auto (the record's `strategy` says what auto chose)
     fmaml_<strategy>+compile
@@ -26,11 +28,32 @@ Engines (`--engines`, default all):
     fmaml_first_order   strategy auto with first_order=True (FOMAML)
     Shorthands: all, eager (everything not compiled), compiled.
 
-Record keys: workload, engine, inner_steps, meta_batch, device, median_s, peak_mem_mb,
-speedup_vs_higher (higher's median / this engine's, same invocation), max_grad_diff (largest absolute
-difference between this engine's meta-gradient on its first step and higher's, from identical weights
-and tasks; fmaml_first_order is compared against higher with track_higher_grads=False), and extras:
-times_s, compile_s, graph_breaks, strategy, error.
+Inner optimizers (`--inner-optimizer`, one or more, default sgd; `INNER_OPTIMIZERS`): sgd (the paper's
+inner loop), sgd_momentum (torch.optim.SGD, momentum 0.9), adam (torch.optim.Adam), rmsprop, adagrad.
+Each is one torch.optim class with its arguments, given to `higher` as its differentiable optimizer and
+to fmaml through `fmaml.inner_optimizers.from_config` (as a `class_path: torch.optim.X` config is), at
+the same rate: the workload's for SGD, 0.01 for the adaptive ones (see `ADAPTIVE_LR`).
+
+Record keys: workload, inner_optimizer, inner_lr, engine, inner_steps, meta_batch, device, median_s,
+peak_mem_mb, speedup_vs_higher (higher's median / this engine's, same invocation and inner optimizer),
+max_grad_diff (largest absolute difference between this engine's meta-gradient on its first step and
+higher's, from identical weights and tasks; fmaml_first_order is compared against higher with
+track_higher_grads=False), max_grad_rel_diff (the same over higher's largest absolute entry), and
+extras: times_s, compile_s, graph_breaks, strategy, error.
+
+max_grad_diff with adam is not float noise, and not small: by design, higher's DifferentiableAdam adds
+eps to sqrt(v) before the bias correction, today's torch.optim.Adam (and fmaml, which follows it) after
+it (see the docstring of fmaml/inner_optimizers.py). At step t higher's update is torch's with eps
+replaced by eps / sqrt(1 - beta2^t): 3.2e-7 instead of 1e-8 at the first step. The update m/(sqrt(v)+eps)
+is ~sign(g), so its derivative (the second-order term) is ~eps/(|g|+eps)^2: large, and eps-dependent,
+for gradient entries near eps. In smoke runs (2 tasks, seed 0): max_grad_rel_diff 2e-3 on the sinusoid
+MLP at 2 steps, 0.9 on the Omniglot ConvNet at 1 step, whose gradients have many entries that small;
+with fmaml's eps set to 1e-8 / sqrt(1 - 0.999) the ConvNet's 1-step difference fell to 4e-7. sgd,
+sgd_momentum, rmsprop and adagrad agree with higher to float rounding.
+
+A/B of two checkouts (`--compare BASE.json HEAD.json`): measures nothing; for each (workload, inner
+steps, meta-batch, engine) in both files, the median of all their times_s (pooled over the runs each
+file holds) and HEAD's over BASE's. `bash benchmarks/run_cpu.sh seam_ab` uses it.
 
 peak_mem_mb: on CUDA, `torch.cuda.max_memory_allocated()` over the engine's steps (reset before them;
 it includes the model, the meta-batch and Adam's state). On CPU, the growth of the process' peak
@@ -42,6 +65,8 @@ CPU it is not measured (null).
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import os
 import resource
@@ -62,6 +87,7 @@ from torch import nn  # noqa: E402
 from torch.func import functional_call, grad  # noqa: E402
 
 from fmaml import MLP, ConvNet, meta_loss, resolve_strategy  # noqa: E402
+from fmaml.inner_optimizers import from_config  # noqa: E402
 from fmaml.maml import LOSSES  # noqa: E402
 
 META_LR = 1e-3
@@ -145,6 +171,49 @@ WORKLOADS = {
 }
 
 
+# ------------------------------------------------------------------------------------ inner optimizers
+
+# Adam, RMSprop and Adagrad divide the gradient by its own running scale, so each step moves every weight
+# by about lr whatever the gradient's size: the rate is a step size, not a multiplier of the gradient.
+# The SGD rates of the workloads (0.4 on Omniglot 5w5s) would move every conv weight by 0.4 per step, far
+# beyond its initial spread; 0.01 (torch's default for RMSprop and Adagrad, the sinusoid's own SGD rate
+# and the Adam-inner recipe's in benchmarks/recipes.py) is a sensible step on every workload.
+ADAPTIVE_LR = 0.01
+
+
+@dataclass(frozen=True)
+class InnerOptimizerSpec:
+    torch_class: type[torch.optim.Optimizer]
+    kwargs: dict
+    lr: float | None = None  # None: the workload's (SGD) rate
+
+
+INNER_OPTIMIZERS = {
+    "sgd": InnerOptimizerSpec(torch.optim.SGD, {}),
+    "sgd_momentum": InnerOptimizerSpec(torch.optim.SGD, {"momentum": 0.9}),
+    "adam": InnerOptimizerSpec(torch.optim.Adam, {}, ADAPTIVE_LR),
+    "rmsprop": InnerOptimizerSpec(torch.optim.RMSprop, {}, ADAPTIVE_LR),
+    "adagrad": InnerOptimizerSpec(torch.optim.Adagrad, {}, ADAPTIVE_LR),
+}
+
+
+def inner_lr(name: str, workload: Workload) -> float:
+    spec = INNER_OPTIMIZERS[name]
+    return workload.lr if spec.lr is None else spec.lr
+
+
+def torch_inner_optimizer(name: str, workload: Workload) -> Callable[..., torch.optim.Optimizer]:
+    """The inner optimizer as a config's `class_path: torch.optim.X` becomes: params -> optimizer."""
+    spec = INNER_OPTIMIZERS[name]
+    return functools.partial(spec.torch_class, lr=inner_lr(name, workload), **spec.kwargs)
+
+
+def fmaml_inner_arguments(name: str, workload: Workload) -> dict:
+    """meta_loss's lr= and inner_optimizer= for `name`, built from the same torch.optim call as higher's."""
+    optimizer = from_config(torch_inner_optimizer(name, workload), name="--inner-optimizer")
+    return {"lr": inner_lr(name, workload), "inner_optimizer": optimizer}
+
+
 def make_tasks(workload: Workload, meta_batch: int, device: str, seed: int) -> dict:
     tasks = workload.tasks(meta_batch, torch.Generator().manual_seed(seed))
     return {split: (x.to(device), y.to(device)) for split, (x, y) in tasks.items()}
@@ -160,11 +229,13 @@ def make_model(workload: Workload, device: str, seed: int) -> nn.Module:
 # of model.parameters().
 
 
-def higher_engine(model: nn.Module, workload: Workload, steps: int, first_order: bool = False):
+def higher_engine(
+    model: nn.Module, workload: Workload, steps: int, first_order: bool = False, inner_optimizer: str = "sgd"
+):
     import higher  # only the processes that run it pay for the import
 
     params = list(model.parameters())
-    inner_opt = torch.optim.SGD(params, lr=workload.lr)
+    inner_opt = torch_inner_optimizer(inner_optimizer, workload)(params)
     loss_fn = LOSSES[workload.loss]
 
     def run(tasks):
@@ -208,7 +279,7 @@ def torchfunc_loop_engine(model: nn.Module, workload: Workload, steps: int):
     return run
 
 
-def fmaml_engine(model, workload, steps, strategy, first_order=False, compile=False):
+def fmaml_engine(model, workload, steps, strategy, first_order=False, compile=False, inner_optimizer="sgd"):
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     # Like the app's meta-step on a step that writes no logs: no extra "before adaptation" forward pass,
     # which higher's loop does not do either.
@@ -216,9 +287,9 @@ def fmaml_engine(model, workload, steps, strategy, first_order=False, compile=Fa
         model=model,
         loss=workload.loss,
         steps=steps,
-        lr=workload.lr,
         first_order=first_order,
         metrics_before=False,
+        **fmaml_inner_arguments(inner_optimizer, workload),
     )
 
     def objective(params, buffers, tasks):
@@ -251,21 +322,36 @@ def parse_engine(name: str) -> dict:
     raise ValueError(f"unknown engine {name!r}: use {', '.join(ALL_ENGINES)}, fmaml_<strategy>[+compile]")
 
 
-def build_engine(name: str, model: nn.Module, workload: Workload, steps: int):
+def unsupported(engine: str, inner_optimizer: str) -> str | None:
+    """Why `engine` cannot run `inner_optimizer`, or None."""
+    if parse_engine(engine)["kind"] == "torchfunc_loop" and inner_optimizer != "sgd":
+        return (
+            f"torchfunc_loop is a hand-written plain-SGD loop: it runs only --inner-optimizer sgd, "
+            f"not {inner_optimizer}"
+        )
+    return None
+
+
+def build_engine(name: str, model: nn.Module, workload: Workload, steps: int, inner_optimizer: str = "sgd"):
     spec = parse_engine(name)
+    if reason := unsupported(name, inner_optimizer):
+        raise ValueError(reason)
     if spec["kind"] == "higher":
-        return higher_engine(model, workload, steps)
+        return higher_engine(model, workload, steps, inner_optimizer=inner_optimizer)
     if spec["kind"] == "torchfunc_loop":
         return torchfunc_loop_engine(model, workload, steps)
     return fmaml_engine(
-        model, workload, steps, spec["strategy"], first_order=spec["first_order"], compile=spec["compile"]
-    )
+        model, workload, steps, spec["strategy"], first_order=spec["first_order"], compile=spec["compile"],
+        inner_optimizer=inner_optimizer,
+    )  # fmt: skip
 
 
-def reference_gradients(workload, steps, meta_batch, device, seed, first_order) -> list[torch.Tensor]:
+def reference_gradients(
+    workload, steps, meta_batch, device, seed, first_order, inner_optimizer="sgd"
+) -> list[torch.Tensor]:
     """higher's meta-gradient at the initial weights, on the first step's tasks."""
     model, tasks = make_model(workload, device, seed), make_tasks(workload, meta_batch, device, seed)
-    higher_engine(model, workload, steps, first_order=first_order)(tasks)
+    higher_engine(model, workload, steps, first_order=first_order, inner_optimizer=inner_optimizer)(tasks)
     return [p.grad.detach().cpu() for p in model.parameters()]
 
 
@@ -278,8 +364,18 @@ def _sync(device: str) -> None:
 
 
 def blank_record(job: dict) -> dict:
-    record = {key: job[key] for key in ("workload", "engine", "inner_steps", "meta_batch", "device")}
-    return record | {"median_s": None, "peak_mem_mb": None, "speedup_vs_higher": None, "max_grad_diff": None}
+    keys = ("workload", "inner_optimizer", "engine", "inner_steps", "meta_batch", "device")
+    record = {key: job[key] for key in keys}
+    record["inner_lr"] = inner_lr(job["inner_optimizer"], WORKLOADS[job["workload"]])
+    empty = ("median_s", "peak_mem_mb", "speedup_vs_higher", "max_grad_diff", "max_grad_rel_diff")
+    return record | dict.fromkeys(empty)
+
+
+def gradient_differences(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> dict:
+    """The largest absolute difference from higher's meta-gradient, and that over its largest entry."""
+    largest = max(max(r.abs().max().item() for r in reference), torch.finfo(reference[0].dtype).tiny)
+    diff = max((a - b).abs().max().item() for a, b in zip(grads, reference, strict=True))
+    return {"max_grad_diff": diff, "max_grad_rel_diff": diff / largest}
 
 
 def measure(job: dict, reference: list[torch.Tensor] | None, isolated: bool) -> dict:
@@ -292,7 +388,7 @@ def measure(job: dict, reference: list[torch.Tensor] | None, isolated: bool) -> 
         spec = parse_engine(job["engine"])
         if spec["kind"] == "fmaml":
             record["strategy"] = resolve_strategy(spec["strategy"], model, device)
-        run = build_engine(job["engine"], model, workload, job["inner_steps"])
+        run = build_engine(job["engine"], model, workload, job["inner_steps"], job["inner_optimizer"])
         optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
         if spec.get("compile"):
             torch._dynamo.utils.counters.clear()
@@ -321,8 +417,7 @@ def measure(job: dict, reference: list[torch.Tensor] | None, isolated: bool) -> 
             record["compile_s"] = times[0] - record["median_s"]
             record["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
         if reference is not None:
-            diffs = [(a - b).abs().max().item() for a, b in zip(first_grads, reference, strict=True)]
-            record["max_grad_diff"] = max(diffs)
+            record |= gradient_differences(first_grads, reference)
     except Exception as error:  # a failing engine (e.g. torch.compile) is a result, not a crash
         message = str(error).strip().splitlines()
         record["error"] = f"{type(error).__name__}: {message[0] if message else ''}"[:500]
@@ -360,11 +455,15 @@ def needs_first_order(engine: str) -> bool:
     return parse_engine(engine).get("first_order", False)
 
 
-def run_configuration(args, workload: str, steps: int, meta_batch: int, isolate: bool) -> list[dict]:
+def run_configuration(
+    args, workload: str, inner_optimizer: str, steps: int, meta_batch: int, isolate: bool
+) -> list[dict]:
     base = dict(workload=workload, inner_steps=steps, meta_batch=meta_batch, device=args.device)
     base |= dict(repeats=args.repeats, warmup=args.warmup, seed=args.seed, threads=args.threads)
+    base |= dict(inner_optimizer=inner_optimizer)
+    setting = (WORKLOADS[workload], steps, meta_batch, args.device, args.seed)
     references = {
-        order: reference_gradients(WORKLOADS[workload], steps, meta_batch, args.device, args.seed, order)
+        order: reference_gradients(*setting, order, inner_optimizer)
         for order in sorted({needs_first_order(e) for e in args.engines})
     }
     records = []
@@ -376,7 +475,9 @@ def run_configuration(args, workload: str, steps: int, meta_batch: int, isolate:
         for engine in args.engines:
             job = base | {"engine": engine}
             order = needs_first_order(engine)
-            if isolate:
+            if reason := unsupported(engine, inner_optimizer):  # no process started for nothing
+                record = blank_record(job) | {"error": reason}
+            elif isolate:
                 record = measure_in_subprocess(job, files[order], args.engine_timeout)
             else:
                 record = measure(job, references[order], isolated=False)
@@ -398,11 +499,12 @@ def _fmt(value, scale: float = 1.0, spec: str = ".3g") -> str:
 
 
 def markdown_table(records: list[dict]) -> str:
-    header = "| workload | steps | meta-batch | device | engine | median ms | peak MB | vs higher | max grad diff | compile s | error |"
+    header = "| workload | inner optimizer | steps | meta-batch | device | engine | median ms | peak MB | vs higher | max grad diff | compile s | error |"
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in records:
         cells = [
             r["workload"],
+            r.get("inner_optimizer", "sgd"),  # records written before --inner-optimizer were all sgd
             r["inner_steps"],
             r["meta_batch"],
             r["device"],
@@ -418,9 +520,59 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CASE_KEYS = ("workload", "inner_optimizer", "inner_steps", "meta_batch", "engine")
+
+
+def pooled_times(path: Path) -> dict[tuple, list[float]]:
+    """Every timed step of a --json file, per case (the values of CASE_KEYS), over all runs it holds."""
+    times: dict[tuple, list[float]] = {}
+    for record in json.loads(path.read_text()):
+        record = {"inner_optimizer": "sgd"} | record  # records written before --inner-optimizer
+        times.setdefault(tuple(record[k] for k in CASE_KEYS), []).extend(record.get("times_s") or [])
+    return times
+
+
+def compare(base: Path, head: Path, out: Path | None = None) -> list[dict]:
+    """A/B of two checkouts' runs of the same engines (see the module docstring): per case, the median of
+    all timed steps of each side, and head's over base's. Cases in only one file are left out."""
+    a, b = pooled_times(base), pooled_times(head)
+    rows = []
+    for key in [k for k in a if a[k] and b.get(k)]:
+        base_ms, head_ms = statistics.median(a[key]) * 1e3, statistics.median(b[key]) * 1e3
+        rows.append(
+            dict(zip(CASE_KEYS, key, strict=True))
+            | {"base_median_ms": base_ms, "head_median_ms": head_ms, "head_over_base": head_ms / base_ms}
+            | {"base_steps": len(a[key]), "head_steps": len(b[key]), "base": str(base), "head": str(head)}
+        )
+    print(comparison_table(rows))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def comparison_table(rows: list[dict]) -> str:
+    header = "| workload | inner optimizer | steps | meta-batch | engine | base ms | head ms | head / base | timed steps |"
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for r in rows:
+        cells = [r["workload"], r["inner_optimizer"], r["inner_steps"], r["meta_batch"], r["engine"]]
+        cells += [f"{r['base_median_ms']:.2f}"]
+        cells += [f"{r['head_median_ms']:.2f}", f"{r['head_over_base']:.3f}x"]
+        cells += [f"{r['base_steps']}/{r['head_steps']}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", nargs="+", default=["sinusoid"], choices=[*WORKLOADS, "all"])
+    parser.add_argument(
+        "--inner-optimizer",
+        nargs="+",
+        default=["sgd"],
+        choices=list(INNER_OPTIMIZERS),
+        help="the inner loop's optimizer(s), for higher and fmaml alike (default: sgd)",
+    )
     parser.add_argument("--inner-steps", type=int, nargs="+", default=[1])
     parser.add_argument("--meta-batch", type=int, nargs="+", default=[4])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -446,9 +598,16 @@ def parse_args(argv=None):
         help="one subprocess per engine (auto: on CPU, where peak RSS needs it; on CUDA memory is per engine anyway)",
     )
     parser.add_argument("--engine-timeout", type=float, default=900, help="seconds per isolated engine")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        nargs=2,
+        metavar=("BASE", "HEAD"),
+        help="measure nothing: compare the medians of two runs' --json files (an A/B of two checkouts)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker is None:
+    if args.worker is None and args.compare is None:
         args.workload = list(WORKLOADS) if "all" in args.workload else args.workload
         args.engines = [e for name in args.engines for e in ENGINE_SETS.get(name, [name])]
         for engine in args.engines:
@@ -463,6 +622,8 @@ def main(argv=None) -> list[dict]:
     if args.worker is not None:
         worker(args.worker)
         return []
+    if args.compare:
+        return compare(*args.compare, out=args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     isolate = args.isolate == "yes" or (args.isolate == "auto" and args.device == "cpu")
@@ -472,13 +633,15 @@ def main(argv=None) -> list[dict]:
     records: list[dict] = []
     for workload in args.workload:
         print(f"{workload}: {WORKLOADS[workload].description}")
-        for steps in args.inner_steps:
-            for meta_batch in args.meta_batch:
-                print(f"{workload}, {steps} inner step(s), meta-batch {meta_batch}:", flush=True)
-                records += run_configuration(args, workload, steps, meta_batch, isolate)
-                if args.json:  # after every configuration, so that an interrupted sweep keeps its results
-                    args.json.parent.mkdir(parents=True, exist_ok=True)
-                    args.json.write_text(json.dumps(kept + records, indent=1))
+        for optimizer, steps, meta_batch in itertools.product(
+            args.inner_optimizer, args.inner_steps, args.meta_batch
+        ):
+            setting = f"inner optimizer {optimizer}, {steps} inner step(s), meta-batch {meta_batch}"
+            print(f"{workload}, {setting}:", flush=True)
+            records += run_configuration(args, workload, optimizer, steps, meta_batch, isolate)
+            if args.json:  # after every configuration, so that an interrupted sweep keeps its results
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(kept + records, indent=1))
     print()
     print(markdown_table(records))
     return records

@@ -12,6 +12,11 @@ Engines (--engines, comma-separated, default all):
     <strategy>+recompute  the same with memory="recompute" ("n/a" while meta_loss has no `memory=`)
 The workloads, the higher engine and the step being timed are bench_vs_higher.py's (imported from it):
 a synthetic meta-batch, fixed before timing; one step = zero_grad, meta-loss, backward, Adam step.
+--inner-optimizer (default sgd) is bench_vs_higher.py's too: the same torch.optim class and rate for
+higher and fmaml, e.g. adam, whose state (two moments per weight) the recompute recursion carries too:
+
+    python benchmarks/memory.py --device cpu --inner-optimizer adam --engines loop,loop+recompute \
+        --steps-sweep 1,5,10,20 --batch-sweep '' --json mem_adam.json
 
 How memory is measured. Every (engine, setting) runs in a fresh subprocess (this script with --one),
 so nothing another case allocated or cached can be reused and hide its cost. In it: --warmup untimed
@@ -55,7 +60,15 @@ if importlib.util.find_spec("fmaml") is None:  # no uv, no install (the GPU box)
     sys.path.insert(0, str(BENCHMARKS.parent))
 
 import torch  # noqa: E402
-from bench_vs_higher import META_LR, WORKLOADS, higher_engine, make_model, make_tasks  # noqa: E402
+from bench_vs_higher import (  # noqa: E402
+    INNER_OPTIMIZERS,
+    META_LR,
+    WORKLOADS,
+    fmaml_inner_arguments,
+    higher_engine,
+    make_model,
+    make_tasks,
+)
 
 from fmaml import meta_loss  # noqa: E402
 
@@ -84,12 +97,13 @@ def parse_engine(name: str) -> tuple[str, bool]:
 # ---------------------------------------------------------------------------------- one case (--one)
 
 
-def fmaml_engine(model, workload, steps: int, strategy: str, recompute: bool):
+def fmaml_engine(model, workload, steps: int, strategy: str, recompute: bool, inner_optimizer: str = "sgd"):
     """bench_vs_higher's fmaml engine, plus memory=: run(tasks) leaves the meta-gradient in .grad."""
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     # "store" is the default: leaving it out keeps the store cases running on an fmaml without memory=.
     memory = {"memory": "recompute"} if recompute else {}
-    config = dict(model=model, loss=workload.loss, steps=steps, lr=workload.lr, metrics_before=False)
+    config = dict(model=model, loss=workload.loss, steps=steps, metrics_before=False)
+    config |= fmaml_inner_arguments(inner_optimizer, workload)
 
     def run(tasks):
         loss, _ = meta_loss(params, buffers, tasks, strategy=strategy, **config, **memory)
@@ -111,9 +125,9 @@ def measure(job: dict) -> dict:
     tasks = make_tasks(workload, job["meta_batch"], device, job["seed"])
     strategy, recompute = parse_engine(job["engine"])
     if strategy == "higher":
-        run = higher_engine(model, workload, job["inner_steps"])
+        run = higher_engine(model, workload, job["inner_steps"], inner_optimizer=job["inner_optimizer"])
     else:
-        run = fmaml_engine(model, workload, job["inner_steps"], strategy, recompute)
+        run = fmaml_engine(model, workload, job["inner_steps"], strategy, recompute, job["inner_optimizer"])
     optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
 
     def step() -> float:  # as timed by bench_vs_higher.py
@@ -213,6 +227,7 @@ def sweep(args, name: str, values: list[int], done: dict) -> list[dict]:
         steps, meta_batch = (x, args.meta_batch) if name == "inner_steps" else (args.steps, x)
         for engine in args.engines:
             job = dict(workload=args.workload, device=args.device, engine=engine, seed=args.seed)
+            job |= dict(inner_optimizer=args.inner_optimizer)
             job |= dict(inner_steps=steps, meta_batch=meta_batch, repeats=args.repeats, warmup=args.warmup)
             key = (engine, steps, meta_batch)
             predicted = predict_mb(measured[engine], x)
@@ -253,7 +268,8 @@ def _mb(value: float) -> str:
 
 
 def markdown_table(records: list[dict]) -> str:
-    lines = ["| sweep | value | engine | median ms | peak growth MB | note |", "|---|---|---|---|---|---|"]
+    header = "| sweep | value | inner optimizer | engine | median ms | peak growth MB | note |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
     for r in records:
         fixed = (
             f"meta-batch {r['meta_batch']}" if r["sweep"] == "inner_steps" else f"{r['inner_steps']} step(s)"
@@ -262,6 +278,7 @@ def markdown_table(records: list[dict]) -> str:
         cells = [
             f"{r['sweep']} ({fixed})",
             r["value"],
+            r.get("inner_optimizer", "sgd"),  # records written before --inner-optimizer were all sgd
             r["engine"],
             f"{r['median_ms']:.1f}" if ok else "-",
             _mb(r["growth_mb"]) if ok else "-",
@@ -269,6 +286,11 @@ def markdown_table(records: list[dict]) -> str:
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def _optimizers_note(optimizers: set[str]) -> str:
+    """', inner optimizer adam' for a title; nothing for plain SGD, the default everywhere."""
+    return "" if optimizers == {"sgd"} else f", inner optimizer {'/'.join(sorted(optimizers))}"
 
 
 def plot(records: list[dict], out: Path, title: str) -> None:
@@ -323,6 +345,12 @@ def parse_args(argv=None):
     parser.add_argument("--workload", default="omniglot5w5s", choices=["omniglot5w5s", "sinusoid"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated; default: %(default)s")
+    parser.add_argument(
+        "--inner-optimizer",
+        default="sgd",
+        choices=list(INNER_OPTIMIZERS),
+        help="the inner loop's optimizer, for higher and fmaml alike (bench_vs_higher.py's; default: sgd)",
+    )
     parser.add_argument("--steps-sweep", type=int_list, default=[1, 5, 10, 20], help="'' to skip")
     parser.add_argument("--meta-batch", type=int, default=8, help="the meta-batch of the steps sweep")
     parser.add_argument("--batch-sweep", type=int_list, default=[1, 2, 4, 8, 16, 32, 64], help="'' to skip")
@@ -361,10 +389,12 @@ def main(argv=None) -> list[dict]:
     title = f"{args.workload}: {WORKLOADS[args.workload].description}, {args.device}"
     if args.from_json:
         records = [r for path in args.from_json for r in json.loads(path.read_text())]
+        title += _optimizers_note({r.get("inner_optimizer", "sgd") for r in records})
         print(markdown_table(records))
         if args.plot:
             plot(records, args.plot, title)
         return records
+    title += _optimizers_note({args.inner_optimizer})
     if args.budget_mb is None:
         args.budget_mb = default_budget_mb(args.device)
     print(f"torch {torch.__version__}, {title}, budget {args.budget_mb:.0f} MB", flush=True)
