@@ -312,6 +312,13 @@ RENAMED = {
 RENAMED_SETTING = re.compile(r"model\.(inner_lr|learn_inner_lr)\b")
 
 
+def _own_message(message: str) -> str:
+    """fmaml's own line out of jsonargparse's report on a union-typed setting (`--model.inner_optimizer`,
+    InnerOptimizer | OptimizerCallable: it lists why each type refused the value), else `message`."""
+    own = re.search(r"model\.inner_optimizer \(\w+\): [^\n]*", message)
+    return own[0] if own else message
+
+
 def command_line(args: list[str] | None = None) -> int:
     """`python -m fmaml`: `main`, with a start-up error printed as `error: <message>` alone on stderr (exit
     status 2 for a command line jsonargparse rejects, 1 otherwise) instead of a traceback of some 40 lines
@@ -330,8 +337,10 @@ def command_line(args: list[str] | None = None) -> int:
     except STARTUP_ERRORS as error:
         if first_batch.reached:
             raise
-        print(f"error: {error}", file=sys.stderr)
-        usage = isinstance(error, ArgumentError)
+        message = _own_message(str(error))
+        print(f"error: {message}", file=sys.stderr)
+        # A value fmaml refused, wrapped by jsonargparse, is no usage error: the same as from torch.optim.
+        usage = isinstance(error, ArgumentError) and message == str(error)
         hint = "--help lists every setting" if usage else f"{DEBUG_ENV}=1 shows the traceback"
         if usage and (renamed := RENAMED_SETTING.search(str(error))):
             hint = f"model.{renamed[1]} is now {RENAMED[renamed[1]]}"

@@ -338,6 +338,10 @@ def from_config(value, name: str = "model.inner_optimizer") -> InnerOptimizer:
     (a callable that builds the optimizer from parameters): torch builds it on a dummy parameter, which
     checks the arguments and fills in torch's defaults, and the same arguments build fmaml's equivalent."""
     if isinstance(value, InnerOptimizer):
+        if hasattr(value, "lazy_get_init_args"):
+            value.init(
+                {}
+            )  # jsonargparse's lazy_instance (the module's default) runs __init__ at a first call
         return value
     supported = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED)
     built = _built_on_a_dummy(value, name, supported)

@@ -79,6 +79,22 @@ def run_config(ckpt_path: str) -> tuple[dict | None, str]:
     return None, f"{ckpt_path} stores no config and has no config.yaml two folders up"
 
 
+INNER = "model.inner_optimizer"
+# Settings of runs written before fmaml's inner optimizers, in today's names.
+RENAMED = {"model.inner_lr": f"{INNER}.init_args.lr", "model.learn_inner_lr": f"{INNER}.init_args.learn_lr"}
+
+
+def comparable(flat: dict) -> dict:
+    """`flat` with equal settings spelled alike: old names renamed (an old run's inner loop was plain SGD),
+    torch.optim's class paths as fmaml's equivalents (the ones that run), and no learn_lr as "off"."""
+    flat = {RENAMED.get(key, key): value for key, value in flat.items()}
+    if f"{INNER}.init_args.lr" in flat:
+        path = str(flat.get(f"{INNER}.class_path", "fmaml.inner_optimizers.SGD"))
+        flat[f"{INNER}.class_path"] = "fmaml.inner_optimizers." + path.rsplit(".", 1)[-1]
+        flat.setdefault(f"{INNER}.init_args.learn_lr", "off")
+    return flat
+
+
 def differences(command: dict, run: dict, keep) -> list[tuple[str, object, object]]:
     """(key, command's value, run's value) for every key where `keep(key)` and the two differ.
 
@@ -86,6 +102,7 @@ def differences(command: dict, run: dict, keep) -> list[tuple[str, object, objec
     only its default, so it is not held against the command (a network it changes is still refused by
     the checkpoint's tensor shapes, `MAML.on_load_checkpoint`). Unless the run stores a value above it:
     `model.lr_scheduler: null` in the run against the command's `model.lr_scheduler.class_path` differ."""
+    command, run = comparable(command), comparable(run)
     keys = sorted(k for k in command.keys() | run.keys() if keep(k) and (k in run or _stored_above(k, run)))
     return [(k, command.get(k), run.get(k)) for k in keys if command.get(k) != run.get(k)]
 

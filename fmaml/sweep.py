@@ -2,10 +2,11 @@
 an Optuna study in a database, so that several workers (threads here, processes on other machines) share
 one sweep.
 
-    python -m fmaml.sweep [fit|validate|test] --grid model.inner_steps=1,5,10 [--grid model.inner_lr=0.01,0.1] \\
+    python -m fmaml.sweep [fit|validate|test] --grid model.inner_steps=1,5,10 \\
+        [--grid model.inner_optimizer.lr=0.01,0.1] \\
         --config configs/sinusoid.yaml [any other python -m fmaml arguments ...]
-    python -m fmaml.sweep --search model.inner_lr=log:0.01:1 --search model.inner_steps=int:1:5 --trials 20 \\
-        --metric val/loss --direction minimize --config configs/sinusoid.yaml
+    python -m fmaml.sweep --search model.inner_optimizer.lr=log:0.01:1 --search model.inner_steps=int:1:5 \\
+        --trials 20 --metric val/loss --direction minimize --config configs/sinusoid.yaml
 
 - ``--grid KEY=V1,V2,...`` (repeatable): the values of one parameter, KEY as on fmaml's command line
   without the dashes. The sweep runs the Cartesian product of all grids, each point exactly once, whatever
@@ -125,7 +126,7 @@ def short_names(keys: list[str]) -> dict[str, str]:
 
 
 def version_names(combos: list[dict[str, str]], names: dict[str, str]) -> list[str]:
-    """One folder name per combination, e.g. 'inner_steps=5,inner_lr=0.1'; unique, file-system safe."""
+    """One folder name per combination, e.g. 'inner_steps=5,lr=0.1'; unique, file-system safe."""
     versions: list[str] = []
     for combo in combos:
         # [40,40] -> 40_40: commas separate the parameters, slashes would make subfolders.
@@ -141,8 +142,9 @@ DUPLICATE_OF = "duplicate_of"  # user attr of a trial skipped because another to
 
 
 def parse_search(specs: list[str]) -> Search:
-    """['model.inner_lr=log:0.01:1'] -> [('model.inner_lr', FloatDistribution(0.01, 1, log=True))]."""
-    example = "--search model.inner_lr=log:0.001:1 (or float:LOW:HIGH, int:LOW:HIGH, choice:A,B)"
+    """['model.inner_optimizer.lr=log:0.01:1'] -> [('model.inner_optimizer.lr', FloatDistribution(0.01, 1,
+    log=True))]."""
+    example = "--search model.inner_optimizer.lr=log:0.001:1 (or float:LOW:HIGH, int:LOW:HIGH, choice:A,B)"
     search: Search = []
     for spec in specs:
         key, sep, text = spec.partition("=")
@@ -178,7 +180,7 @@ def parse_search(specs: list[str]) -> Search:
 
 
 def trial_version(number: int, values: dict[str, str], names: dict[str, str]) -> str:
-    """The trial's folder name, e.g. '3-inner_steps=5,inner_lr=0.1'."""
+    """The trial's folder name, e.g. '3-inner_steps=5,lr=0.1'."""
     return f"{number}-{version_names([values], names)[0]}"
 
 

@@ -182,7 +182,7 @@ def test_resume_with_other_training_settings_is_refused_listing_every_conflict()
             [
                 *FIT,
                 "--ckpt_path=last",
-                "--model.inner_lr=0.1",
+                "--model.inner_optimizer.lr=0.1",
                 "--data.meta_batch_size=5",
                 "--model.optimizer.lr=0.01",
             ]
@@ -190,7 +190,7 @@ def test_resume_with_other_training_settings_is_refused_listing_every_conflict()
     message = str(error.value)
     assert "differs from the run" in message
     for key in (
-        "model.inner_lr: 0.1 here, 0.01",
+        "model.inner_optimizer.init_args.lr: 0.1 here, 0.01",
         "data.meta_batch_size: 5 here, 2",
         "model.optimizer.init_args.lr",
     ):
@@ -239,9 +239,12 @@ def test_test_honours_the_command_and_names_the_checkpoint(capsys):
     assert not [w for w in caught if "dirpath has changed" in str(w.message)], [
         str(w.message) for w in caught
     ]
-    # Another inner rate (eval_inner_lr is unset, so inner_lr decides) gives another result, with a warning.
-    with pytest.warns(UserWarning, match=r"model\.inner_lr: 0\.1 here, 0\.01 in the run"):
-        faster = main([*test, "--model.inner_lr=0.1"]).trainer.callback_metrics["test/loss_mean"]
+    # Another inner rate (eval_inner_lr is unset, so the inner optimizer's lr decides) gives another result,
+    # with a warning.
+    with pytest.warns(
+        UserWarning, match=r"model\.inner_optimizer\.init_args\.lr: 0\.1 here, 0\.01 in the run"
+    ):
+        faster = main([*test, "--model.inner_optimizer.lr=0.1"]).trainer.callback_metrics["test/loss_mean"]
     assert not torch.isclose(faster, at_training_rate)
     main([*test, "--model.eval_inner_steps=2"])
     assert "after 2 inner steps" in capsys.readouterr().out

@@ -105,7 +105,7 @@ def test_every_config_prints(path, capsys):
         main(["fit", "--config", path, "--print_config"])
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
-    assert "inner_lr" in out and "meta_batch_size" in out and "class_path" in out
+    assert "inner_optimizer:" in out and "meta_batch_size" in out and "class_path" in out
 
 
 @pytest.mark.parametrize(
@@ -201,7 +201,8 @@ def test_module_entry_point_runs(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "MLP" in result.stdout and "inner_lr: 0.01" in result.stdout
+    inner_optimizer = "inner_optimizer:\n    class_path: torch.optim.SGD\n    init_args:\n      lr: 0.01\n"
+    assert "MLP" in result.stdout and inner_optimizer in result.stdout
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -249,13 +250,20 @@ def test_too_many_ways_fails_before_training(omniglot_root):
         )
 
 
-def test_typo_in_config_key_is_rejected(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("key", "typo"),
+    [("  inner_optimizer:", "  inner_optimiser:"), ("      lr: 0.4", "      lrr: 0.4")],
+    ids=["model key", "inner optimizer argument"],
+)
+def test_typo_in_config_key_is_rejected(key, typo, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(open(config("omniglot.yaml")).read().replace("inner_lr:", "inner_lrr:"))
+    text = open(config("omniglot.yaml")).read()
+    assert text.count(key) == 1
+    bad.write_text(text.replace(key, typo))
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(bad)])
     assert exit_info.value.code != 0
-    assert "inner_lrr" in capsys.readouterr().err
+    assert typo.split(":")[0].strip() in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- real Omniglot

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from fmaml.cli import main
 from fmaml.data import MetaDataModule, Sinusoid
+from fmaml.inner_optimizers import SGD
 from fmaml.models import MLP
 from fmaml.module import MAML
 
@@ -55,7 +56,7 @@ def one_meta_step(tasks: dict, devices: int, strategy: str, meta_strategy: str) 
         MLP,
         num_outputs=1,
         loss="mse",
-        inner_lr=0.01,
+        inner_optimizer=SGD(lr=0.01),
         strategy=meta_strategy,
         optimizer=partial(torch.optim.SGD, lr=0.1),  # an update proportional to the gradient
     )

@@ -15,6 +15,7 @@ from torch.func import functional_call
 from fmaml import MLP, ConvNet, adapt, meta_loss
 from fmaml.cli import main
 from fmaml.data import MetaDataModule, Sinusoid
+from fmaml.inner_optimizers import SGD
 from fmaml.maml import LOSSES, msl_weights
 from fmaml.module import MAML
 from fmaml.schedules import CosineAnnealingToMaxSteps
@@ -293,15 +294,16 @@ def test_bad_option_arguments_raise_clear_errors(kwargs, message):
 
 
 def test_module_options_fail_at_start_up():
-    def build(**kwargs):
-        return MAML(MLP, num_outputs=1, loss="mse", inner_lr=0.01, **kwargs)
+    def build(learn_lr="off", **kwargs):
+        inner_optimizer = SGD(lr=0.01, learn_lr=learn_lr)
+        return MAML(MLP, num_outputs=1, loss="mse", inner_optimizer=inner_optimizer, **kwargs)
 
     with pytest.raises(ValueError, match=r"model.adapt_only=\['heads'\].*'layers.4.weight'"):
         build(adapt_only=["heads"])
-    with pytest.raises(ValueError, match="model.learn_inner_lr='per_step'"):
-        build(learn_inner_lr="per_step")
+    with pytest.raises(ValueError, match=r"model\.inner_optimizer \(SGD\): learn_lr='per_step' is unknown"):
+        build(learn_lr="per_step")
     with pytest.raises(ValueError, match="model.eval_inner_lr=0.1 .*drop eval_inner_lr"):
-        build(learn_inner_lr="per_parameter", eval_inner_lr=0.1)
+        build(learn_lr="per_parameter", eval_inner_lr=0.1)
     with pytest.raises(ValueError, match="model.second_order_from_step=10 .*set first_order: false"):
         build(second_order_from_step=10, first_order=True)
     with pytest.raises(ValueError, match="model.second_order_from_step=-1"):
@@ -315,7 +317,9 @@ def test_module_options_fail_at_start_up():
 
 
 def test_module_learned_rates_shapes_and_evaluation_beyond_trained_steps():
-    per_parameter = MAML(MLP, num_outputs=1, loss="mse", inner_lr=0.01, learn_inner_lr="per_parameter")
+    per_parameter = MAML(
+        MLP, num_outputs=1, loss="mse", inner_optimizer=SGD(lr=0.01, learn_lr="per_parameter")
+    )
     for name, p in per_parameter.network.named_parameters():
         rate = per_parameter.inner_lrs[name.replace(".", "-")]
         assert rate.shape == p.shape and torch.all(rate == 0.01)
@@ -323,9 +327,8 @@ def test_module_learned_rates_shapes_and_evaluation_beyond_trained_steps():
         MLP,
         num_outputs=1,
         loss="mse",
-        inner_lr=0.01,
+        inner_optimizer=SGD(lr=0.01, learn_lr="per_layer_per_step"),
         inner_steps=2,
-        learn_inner_lr="per_layer_per_step",
         adapt_only=["layers.4"],
     )
     assert set(lslr.inner_lrs) == {"layers-4-weight", "layers-4-bias"}  # rates for adapted params only
@@ -376,7 +379,9 @@ class _Recorder(L.Callback):
 
 def test_derivative_order_annealing_switches_at_the_step(tmp_path):
     recorder = _Recorder()
-    module = _fit_sinusoid(tmp_path, 4, [recorder], inner_steps=2, inner_lr=0.1, second_order_from_step=2)
+    module = _fit_sinusoid(
+        tmp_path, 4, [recorder], inner_steps=2, inner_optimizer=SGD(lr=0.1), second_order_from_step=2
+    )
     assert [r["step"] for r in recorder.steps] == [0, 1, 2, 3]
     for record in recorder.steps:
         by_order = {}
@@ -402,7 +407,13 @@ def test_derivative_order_annealing_switches_at_the_step(tmp_path):
 def test_multi_step_loss_is_annealed_then_dropped(tmp_path):
     recorder = _Recorder()
     _fit_sinusoid(
-        tmp_path, 4, [recorder], inner_steps=3, inner_lr=0.01, multi_step_loss=True, msl_anneal_steps=2
+        tmp_path,
+        4,
+        [recorder],
+        inner_steps=3,
+        inner_optimizer=SGD(lr=0.01),
+        multi_step_loss=True,
+        msl_anneal_steps=2,
     )
     weights = [r["inner"].get("step_weights") for r in recorder.steps]
     assert weights[0] == pytest.approx([1 / 3] * 3)
@@ -412,9 +423,17 @@ def test_multi_step_loss_is_annealed_then_dropped(tmp_path):
 
 def test_default_module_settings_are_the_plain_ones():
     """Every option off: the engine is called with exactly the settings it had before the options."""
-    module = MAML(MLP, num_outputs=1, loss="mse", inner_lr=0.01)
+    module = MAML(MLP, num_outputs=1, loss="mse", inner_optimizer=SGD(lr=0.01))
     assert module.inner_lrs is None and list(module.parameters()) == list(module.network.parameters())
-    assert module.train_inner == {"steps": 1, "lr": 0.01, "first_order": False, "adapt_only": None}
+    plain_sgd = SGD(lr=0.01)
+    assert module.train_inner == {
+        "steps": 1,
+        "lr": 0.01,
+        "first_order": False,
+        "adapt_only": None,
+        "inner_optimizer": plain_sgd,
+    }
+    assert plain_sgd.is_stateless  # θ - lr * g, the paper's step
 
 
 def test_cosine_annealing_of_the_meta_learning_rate(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from fmaml import MLP, ConvNet, meta_loss
 from fmaml.callbacks import SaveRunConfig
 from fmaml.cli import MAMLCLI, TRAINER_DEFAULTS, main
 from fmaml.data import MetaDataModule, Sinusoid
+from fmaml.inner_optimizers import SGD
 from fmaml.module import MAML
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
@@ -96,8 +97,7 @@ def _fit_one_step(tmp_path, defer: bool, **clip) -> tuple[MAML, _Recorder]:
         MLP,
         num_outputs=1,
         loss="mse",
-        inner_lr=0.01,
-        learn_inner_lr="per_parameter",
+        inner_optimizer=SGD(lr=0.01, learn_lr="per_parameter"),
         optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
         strategy="loop",
         **clip,

@@ -41,10 +41,10 @@ def test_unknown_key_is_one_line_without_usage(in_tmp, capsys):
 
 
 def test_bad_value_is_its_message(in_tmp, capsys):
-    code = command_line(["fit", "--config", config("omniglot.yaml"), "--model.inner_lr=-1", *TINY])
+    code = command_line(["fit", "--config", config("omniglot.yaml"), "--model.inner_optimizer.lr=-1", *TINY])
     assert code == 1
     lines = error_lines(capsys)
-    assert lines[0].startswith("error: model.inner_lr=-1.0: the inner learning rate must be"), lines
+    assert lines[0] == "error: model.inner_optimizer: Invalid learning rate: -1.0", lines
     assert lines[1:] == ["(FMAML_DEBUG=1 shows the traceback)"]
 
 
@@ -58,8 +58,8 @@ def test_missing_data_is_its_message(in_tmp, capsys):
 
 def test_debug_env_raises_as_before(in_tmp, monkeypatch):
     monkeypatch.setenv("FMAML_DEBUG", "1")
-    with pytest.raises(ValueError, match=r"model\.inner_lr=-1\.0"):
-        command_line(["fit", "--config", config("omniglot.yaml"), "--model.inner_lr=-1", *TINY])
+    with pytest.raises(ValueError, match=r"model\.inner_optimizer: Invalid learning rate: -1\.0"):
+        command_line(["fit", "--config", config("omniglot.yaml"), "--model.inner_optimizer.lr=-1", *TINY])
 
 
 def test_error_once_training_runs_keeps_its_traceback(in_tmp, monkeypatch):

@@ -14,7 +14,7 @@ import time
 import optuna
 import pytest
 
-from fmaml.sweep import main, parse_grid, parse_search, split_values, version_names
+from fmaml.sweep import main, parse_grid, parse_search, short_names, split_values, version_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SINUSOID = os.path.join(REPO, "configs", "sinusoid.yaml")
@@ -33,9 +33,9 @@ TINY = [
 
 
 def test_parse_grid():
-    assert parse_grid(["model.inner_steps=1,5,10", "model.inner_lr= 0.01, 0.1"]) == [
+    assert parse_grid(["model.inner_steps=1,5,10", "model.inner_optimizer.lr= 0.01, 0.1"]) == [
         ("model.inner_steps", ["1", "5", "10"]),
-        ("model.inner_lr", ["0.01", "0.1"]),
+        ("model.inner_optimizer.lr", ["0.01", "0.1"]),
     ]
     assert split_values("[40,40],[64],{a: 1, b: 2}") == ["[40,40]", "[64]", "{a: 1, b: 2}"]
 
@@ -62,13 +62,13 @@ def test_bad_grid_is_an_error_before_any_run(spec, message, tmp_path, capsys):
 
 def test_same_key_twice_and_no_grid(capsys):
     with pytest.raises(SystemExit):
-        main(["--grid", "model.inner_lr=1", "--grid", "model.inner_lr=2"])
-    assert "--grid model.inner_lr is given twice" in capsys.readouterr().err
+        main(["--grid", "model.inner_optimizer.lr=1", "--grid", "model.inner_optimizer.lr=2"])
+    assert "--grid model.inner_optimizer.lr is given twice" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--config", SINUSOID])
     assert "--grid" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--search", "model.inner_lr=log:0.01:1", "--config", SINUSOID])
+        main(["--search", "model.inner_optimizer.lr=log:0.01:1", "--config", SINUSOID])
     assert "--search needs --trials N" in capsys.readouterr().err
 
 
@@ -78,26 +78,42 @@ def test_an_unusable_storage_url_is_a_clear_error_at_once(tmp_path, capsys):
 
 
 def test_version_names_are_short_unique_and_safe():
-    combos = [{"model.inner_lr": "0.1", "data.seed": "1", "model.seed": "2", "model.network.hidden": "[4,4]"}]
-    names = {"model.inner_lr": "inner_lr", "data.seed": "data.seed", "model.seed": "model.seed"}
+    combos = [
+        {
+            "model.inner_optimizer.lr": "0.1",
+            "data.seed": "1",
+            "model.seed": "2",
+            "model.network.hidden": "[4,4]",
+        }
+    ]
+    names = {"model.inner_optimizer.lr": "lr", "data.seed": "data.seed", "model.seed": "model.seed"}
     names["model.network.hidden"] = "hidden"
-    assert version_names(combos, names) == ["inner_lr=0.1,data.seed=1,model.seed=2,hidden=4_4"]
+    assert version_names(combos, names) == ["lr=0.1,data.seed=1,model.seed=2,hidden=4_4"]
+    # The inner optimizer's rate is short as long as no other rate is swept with it.
+    assert short_names(["model.inner_steps", "model.inner_optimizer.lr"]) == {
+        "model.inner_steps": "inner_steps",
+        "model.inner_optimizer.lr": "lr",
+    }
+    rates = ["model.inner_optimizer.lr", "model.optimizer.lr"]
+    assert short_names(rates) == {key: key for key in rates}
     twins = [{"k": "a/b"}, {"k": "a_b"}]
     assert version_names(twins, {"k": "k"}) == ["k=a_b", "k=a_b-1"]
 
 
 def test_parse_search():
     search = dict(
-        parse_search(["model.inner_lr=log:0.01:1", "model.inner_steps=int:1:5", "data.shots=choice:1,5"])
+        parse_search(
+            ["model.inner_optimizer.lr=log:0.01:1", "model.inner_steps=int:1:5", "data.shots=choice:1,5"]
+        )
     )
-    assert search["model.inner_lr"] == optuna.distributions.FloatDistribution(0.01, 1, log=True)
+    assert search["model.inner_optimizer.lr"] == optuna.distributions.FloatDistribution(0.01, 1, log=True)
     assert search["model.inner_steps"] == optuna.distributions.IntDistribution(1, 5)
     assert search["data.shots"] == optuna.distributions.CategoricalDistribution(["1", "5"])
     for bad, message in [
-        ("model.inner_lr=log:0:1", "LOW > 0"),
-        ("model.inner_lr=float:1:0.5", "LOW < HIGH"),
-        ("model.inner_lr=int:a:5", "two ints"),
-        ("model.inner_lr=uniform:0:1", "expected KEY=KIND"),
+        ("model.inner_optimizer.lr=log:0:1", "LOW > 0"),
+        ("model.inner_optimizer.lr=float:1:0.5", "LOW < HIGH"),
+        ("model.inner_optimizer.lr=int:a:5", "two ints"),
+        ("model.inner_optimizer.lr=uniform:0:1", "expected KEY=KIND"),
     ]:
         with pytest.raises(ValueError, match=message):
             parse_search([bad])
@@ -139,7 +155,7 @@ def sweep_process(tmp_path, *args, name="s"):
 @pytest.mark.slow
 def test_two_workers_on_one_storage_run_each_grid_point_once(tmp_path):
     """Two sweep processes started together on the same study: the 4 points run once each, in all."""
-    grid = ["--grid", "model.inner_steps=1,2", "--grid", "model.inner_lr=0.01,0.02"]
+    grid = ["--grid", "model.inner_steps=1,2", "--grid", "model.inner_optimizer.lr=0.01,0.02"]
     workers = [sweep_process(tmp_path, *grid) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
@@ -148,12 +164,12 @@ def test_two_workers_on_one_storage_run_each_grid_point_once(tmp_path):
     )
     points = [r.split("-", 1)[1] for r in runs]
     assert sorted(points) == sorted(
-        f"inner_steps={a},inner_lr={b}" for a in ("1", "2") for b in ("0.01", "0.02")
+        f"inner_steps={a},lr={b}" for a in ("1", "2") for b in ("0.01", "0.02")
     ), runs
     complete = [t for t in study(tmp_path).trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted((t.params["model.inner_steps"], t.params["model.inner_lr"]) for t in complete) == sorted(
-        (a, b) for a in ("1", "2") for b in ("0.01", "0.02")
-    )
+    assert sorted(
+        (t.params["model.inner_steps"], t.params["model.inner_optimizer.lr"]) for t in complete
+    ) == sorted((a, b) for a in ("1", "2") for b in ("0.01", "0.02"))
     assert all(t.value == t.user_attrs["metrics"]["val/loss"] for t in complete)
     # The worker that finished last printed the whole study, read from the storage.
     assert any("4 complete" in out for out in outputs), outputs
@@ -162,7 +178,7 @@ def test_two_workers_on_one_storage_run_each_grid_point_once(tmp_path):
 @pytest.mark.slow
 def test_search_reports_its_best_trial_from_the_storage(tmp_path, capsys):
     code = main(
-        ["--name", "s", "--save-dir", str(tmp_path), "--search", "model.inner_lr=log:0.001:0.1"]
+        ["--name", "s", "--save-dir", str(tmp_path), "--search", "model.inner_optimizer.lr=log:0.001:0.1"]
         + ["--trials", "3", "--seed", "0", "--metric", "val/loss", *TINY]
     )
     out = capsys.readouterr().out
@@ -170,7 +186,7 @@ def test_search_reports_its_best_trial_from_the_storage(tmp_path, capsys):
     stored = study(tmp_path)
     complete = [t for t in stored.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 3
-    assert len({t.params["model.inner_lr"] for t in complete}) == 3
+    assert len({t.params["model.inner_optimizer.lr"] for t in complete}) == 3
     best = min(complete, key=lambda t: t.value)
     assert stored.best_trial.number == best.number
     assert f"best: trial {best.number}, val/loss={best.value:.6g}" in out
@@ -208,10 +224,19 @@ def test_trials_given_a_default_root_dir_are_read_where_their_runs_logged(tmp_pa
     the trial's metrics from R/logs/sweeps/..., not from ./logs/sweeps/... where nothing was logged."""
     monkeypatch.chdir(tmp_path)  # the default --save-dir, logs, is relative: the case default_root_dir moves
     root = tmp_path / "root"
-    code = main(["--name", "s", "--grid", "model.inner_lr=0.01", *TINY, f"--trainer.default_root_dir={root}"])
+    code = main(
+        [
+            "--name",
+            "s",
+            "--grid",
+            "model.inner_optimizer.lr=0.01",
+            *TINY,
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
-    run_dir = root / "logs" / "sweeps" / "s" / "0-inner_lr=0.01"
+    run_dir = root / "logs" / "sweeps" / "s" / "0-lr=0.01"
     assert (
         glob.glob(str(run_dir / "events.out.tfevents.*"))
         and (run_dir / "checkpoints" / "last.ckpt").is_file()
