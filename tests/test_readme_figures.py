@@ -584,3 +584,85 @@ def test_figures_point_to_existing_results_files(readme):
         elif "<" not in full and not (ROOT / full).exists():
             missing.append(full)
     assert not missing, f"{_name(readme)} names results files that do not exist: {missing}"
+
+
+# ------------------------------------------------------------------------------------ inner optimizers
+
+INNER_CONFIGS = {  # the README's workload cell -> (workload, inner steps, meta-batch) in inner_optimizers_cpu.json
+    "sinusoid, 5 steps, 25 tasks": ("sinusoid", 5, 25),
+    "Omniglot 5w5s, 1 step, 32 tasks": ("omniglot5w5s", 1, 32),
+    "Omniglot 5w5s, 5 steps, 8 tasks": ("omniglot5w5s", 5, 8),
+}
+
+
+def _inner_optimizer_rows() -> dict[tuple, dict[str, dict]]:
+    """(workload, steps, meta-batch, inner optimizer) -> {engine: record}."""
+    rows: dict[tuple, dict[str, dict]] = {}
+    for r in _json("inner_optimizers_cpu.json"):
+        key = (r["workload"], r["inner_steps"], r["meta_batch"], r["inner_optimizer"])
+        rows.setdefault(key, {})[r["engine"]] = r
+    return rows
+
+
+def _fastest_fmaml(engines: dict[str, dict]) -> dict:
+    timed = [r for name, r in engines.items() if name.startswith("fmaml") and r.get("median_s")]
+    return min(timed, key=lambda r: r["median_s"])
+
+
+def test_inner_optimizer_speed_table_equals_inner_optimizers_cpu_json():
+    records, workload = _inner_optimizer_rows(), None
+    rows = _table(BENCH, "| workload (inner loop) | inner optimizer |")
+    assert len(rows) == len(records)
+    for row in rows:
+        workload = INNER_CONFIGS[row[0]] if row[0] else workload
+        engines = records[(*workload, row[1])]
+        higher, fastest = engines["higher"], _fastest_fmaml(engines)
+        assert row[2] == _ms(1000 * higher["median_s"]), row
+        assert row[3] == f"{_ms(1000 * fastest['median_s'])} ({fastest['engine'].removeprefix('fmaml_')})", (
+            row
+        )
+        assert row[4] == _ratio(higher["median_s"] / fastest["median_s"]), row
+        assert row[5] == f"{fastest['max_grad_rel_diff']:.1e}", row
+
+
+def test_adam_speed_prose_equals_inner_optimizers_cpu_json():
+    records = _inner_optimizer_rows()
+    ratios = []
+    for workload in [("sinusoid", 5, 25), ("omniglot5w5s", 1, 32)]:
+        engines = records[(*workload, "adam")]
+        ratios.append(_ratio(engines["higher"]["median_s"] / _fastest_fmaml(engines)["median_s"]))
+    _expect(FRONT, "with an Adam inner loop, fmaml's fastest strategy is {} `higher`'s speed on the sinusoid "
+            "and {} on Omniglot 5w5s", *ratios)  # fmt: skip
+
+
+def test_adam_memory_table_equals_memory_cpu_adam_steps_json():
+    records = _memory("memory_cpu_adam_steps.json")
+    for row in _table(BENCH, "| engine (Adam inner loop) | 1 step |"):
+        engine = row[0].replace(" + ", "+")
+        growth = [records[(engine, s)]["growth_mb"] for s in (1, 5, 10, 20)]
+        assert row[1:5] == [f"{_thousands(growth[0])} MB", *map(_thousands, growth[1:])], engine
+        assert row[5] == _ratio(growth[3] / growth[0]), engine
+
+
+def test_adam_recipe_table_equals_its_results_json():
+    results = _json("recipes_5w1s_adam/results.json")
+    rows = _table(BENCH, "| recipe, one run beside the other |")
+    for recipe, prefix in {"maml": "MAML (", "maml_adam": "MAML, Adam inner loop"}.items():
+        r, row = results[recipe], _row(rows, prefix)
+        assert row[1:3] == [_pct_ci(r["test3"]), _pct_ci(r["test5"])], recipe
+        if "minus_maml3" in r:
+            assert row[3] == f"{_signed_points(r['minus_maml3'])} / {_signed_points(r['minus_maml5'])}", (
+                recipe
+            )
+        assert row[4:6] == [_thousands(r["steps"]), f"{r['seconds_per_step']:.2f}"], recipe
+
+
+def test_adam_memory_and_recipe_prose_equal_their_files():
+    records = _memory("memory_cpu_adam_steps.json")
+    growth = records[("loop+recompute", 20)]["growth_mb"] / records[("loop+recompute", 1)]["growth_mb"]
+    _expect(
+        FRONT, "keeps an Adam inner loop's memory flat ({} from 1 to 20 steps with the loop)", _ratio(growth)
+    )
+    r = _json("recipes_5w1s_adam/results.json")
+    shown = [f"{100 * r[name]['test3'][0]:.2f} %" for name in ("maml_adam", "maml")]
+    _expect(FRONT, "trained far worse than SGD at the same budget ({} against {},", *shown)
