@@ -186,13 +186,15 @@ def test_recipe_table_equals_recipes_results_json():
     results = _json("recipes_5w1s/results.json")
     rows = _table(FRONT, "| recipe (config) |")
     for recipe, prefix in RECIPE_ROWS.items():
-        r, row = results[recipe], _row(rows, prefix)
-        assert row[1:3] == [_pct_ci(r["test3"]), _pct_ci(r["test5"])], recipe
-        if "minus_maml3" in r:
-            assert row[3] == f"{_signed_points(r['minus_maml3'])} / {_signed_points(r['minus_maml5'])}", (
-                recipe
-            )
-        assert row[4:6] == [_thousands(r["steps"]), f"{r['seconds_per_step']:.2f}"], recipe
+        _assert_recipe_row(_row(rows, prefix), results[recipe], recipe)
+
+
+def _assert_recipe_row(row: list[str], r: dict, recipe: str) -> None:
+    """A recipe table row: accuracies after 3 and 5 steps, the paired difference from MAML, steps, s/step."""
+    assert row[1:3] == [_pct_ci(r["test3"]), _pct_ci(r["test5"])], recipe
+    if "minus_maml3" in r:
+        assert row[3] == f"{_signed_points(r['minus_maml3'])} / {_signed_points(r['minus_maml5'])}", recipe
+    assert row[4:6] == [_thousands(r["steps"]), f"{r['seconds_per_step']:.2f}"], recipe
 
 
 def test_recipe_discussion_equals_recipes_results_json():
@@ -648,13 +650,7 @@ def test_adam_recipe_table_equals_its_results_json():
     results = _json("recipes_5w1s_adam/results.json")
     rows = _table(BENCH, "| recipe, one run beside the other |")
     for recipe, prefix in {"maml": "MAML (", "maml_adam": "MAML, Adam inner loop"}.items():
-        r, row = results[recipe], _row(rows, prefix)
-        assert row[1:3] == [_pct_ci(r["test3"]), _pct_ci(r["test5"])], recipe
-        if "minus_maml3" in r:
-            assert row[3] == f"{_signed_points(r['minus_maml3'])} / {_signed_points(r['minus_maml5'])}", (
-                recipe
-            )
-        assert row[4:6] == [_thousands(r["steps"]), f"{r['seconds_per_step']:.2f}"], recipe
+        _assert_recipe_row(_row(rows, prefix), results[recipe], recipe)
 
 
 def test_adam_memory_and_recipe_prose_equal_their_files():
