@@ -645,7 +645,32 @@ def check_arguments(
         )
     check_memory(memory, adapt_only)
     check_adapt_only(adapt_only, params)
-    adapted = set(params) if adapt_only is None else set(adapt_only)
+    check_rates(lr, steps, set(params) if adapt_only is None else set(adapt_only))
+    if step_weights is not None:
+        is_vector = not isinstance(step_weights, Tensor) or step_weights.dim() == 1
+        if not is_vector or len(step_weights) != steps:
+            raise ValueError(
+                f"step_weights={step_weights!r}: give one weight per inner step (steps={steps}), the weight "
+                "of the query loss after that step"
+            )
+    check_strategy(strategy)
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is unknown: use one of {sorted(LOSSES)}")
+    check_tasks(tasks)
+    for module in model.modules():
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module.track_running_stats
+            and module.training
+        ):
+            raise ValueError(
+                f"model has {module} tracking running stats in train mode, which adaptation would update "
+                "in place: build it with track_running_stats=False (MAML uses batch statistics)"
+            )
+
+
+def check_rates(lr: InnerLR, steps: int, adapted: set[str]) -> None:
+    """`lr` (see `InnerLR`): one rate per inner step if per-step, one per adapted param if a dict."""
     per_step = isinstance(lr, Sequence) and not isinstance(lr, str)
     if per_step and len(lr) != steps:
         raise ValueError(
@@ -659,16 +684,10 @@ def check_arguments(
                 check_lr(value)
         if isinstance(rate, Mapping) and (missing := sorted(adapted - set(rate))):
             raise ValueError(f"lr is a per-parameter dict but has no rate for {missing}: give one per param")
-    if step_weights is not None:
-        is_vector = not isinstance(step_weights, Tensor) or step_weights.dim() == 1
-        if not is_vector or len(step_weights) != steps:
-            raise ValueError(
-                f"step_weights={step_weights!r}: give one weight per inner step (steps={steps}), the weight "
-                "of the query loss after that step"
-            )
-    check_strategy(strategy)
-    if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r} is unknown: use one of {sorted(LOSSES)}")
+
+
+def check_tasks(tasks) -> None:
+    """{"support": (x, y), "query": (x, y)}, each [tasks, examples, ...] with one task dimension."""
     if not isinstance(tasks, Mapping) or set(tasks) != {"support", "query"}:
         raise ValueError('tasks must be {"support": (x, y), "query": (x, y)}, got ' + _describe(tasks))
     num_tasks = tasks["support"][0].shape[0]
@@ -682,16 +701,6 @@ def check_arguments(
             raise ValueError(
                 f"tasks[{split!r}]: x {tuple(x.shape)} and y {tuple(y.shape)} must be [tasks, examples, ...] "
                 "with the same number of examples"
-            )
-    for module in model.modules():
-        if (
-            isinstance(module, nn.modules.batchnorm._BatchNorm)
-            and module.track_running_stats
-            and module.training
-        ):
-            raise ValueError(
-                f"model has {module} tracking running stats in train mode, which adaptation would update "
-                "in place: build it with track_running_stats=False (MAML uses batch statistics)"
             )
 
 
