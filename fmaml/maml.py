@@ -90,6 +90,7 @@ def adapt(
     first_order: bool = False,
     adapt_only: Collection[str] | None = None,
     inner_optimizer: InnerOptimizer = PLAIN_SGD,
+    proximal: float = 0.0,
 ) -> Params:
     """Adapt `params` to one task by `steps` steps of `inner_optimizer` (plain SGD) on its support set.
 
@@ -97,11 +98,12 @@ def adapt(
     Returns the adapted params, differentiable w.r.t. `params` (second order) unless `first_order`,
     which detaches each inner gradient (FOMAML). `adapt_only`: the names of the params to adapt (ANIL);
     the others come back unchanged. None adapts them all. `inner_optimizer`: see fmaml.inner_optimizers;
-    its state starts fresh here, and `lr` (possibly learned tensors) is its rate.
+    its state starts fresh here, and `lr` (possibly learned tensors) is its rate. `proximal` (λ, iMAML):
+    the inner problem is the support loss + λ/2 ||φ - params||², which keeps φ near the params.
     """
     inner = dict(
         model=model, loss=loss, steps=steps, lr=lr, first_order=first_order, adapt_only=adapt_only,
-        inner_optimizer=inner_optimizer,
+        inner_optimizer=inner_optimizer, proximal=proximal,
     )  # fmt: skip
     adapted = params
     for adapted in adapt_steps(params, buffers, support, **inner):  # noqa: B007 (only the last is wanted)
@@ -121,6 +123,7 @@ def adapt_steps(
     first_order: bool = False,
     adapt_only: Collection[str] | None = None,
     inner_optimizer: InnerOptimizer = PLAIN_SGD,
+    proximal: float = 0.0,
 ) -> Iterator[Params]:
     """`adapt`, step by step: yields the params after each of the `steps` inner steps."""
     x, y = support
@@ -135,9 +138,13 @@ def adapt_steps(
     # function of plain MAML (an extra argument or dict costs measurable time in the ConvNet loop).
     # (First order: the frozen params are constants of the inner gradient too, but not of the output.)
     state = ((_detached(frozen) if first_order else frozen), buffers) if frozen else (buffers,)
+    anchor = _detached(params)
 
-    def support_loss(p: Params) -> Tensor:
-        return loss_fn(functional_call(model, (p, *state), (x,)), y)
+    def support_loss(p: Params, step: int) -> Tensor:
+        value = loss_fn(forward(model, (p, *state), x, step), y)
+        if proximal:
+            value = value + proximal / 2 * _dot(_minus(p, anchor), _minus(p, anchor))
+        return value
 
     every_step = _inner_steps(
         support_loss, params, inner_optimizer.init(params), lr, range(steps), inner_optimizer, first_order
@@ -146,8 +153,20 @@ def adapt_steps(
         yield adapted | frozen if frozen else adapted
 
 
+def forward(model: nn.Module, tensors: tuple[Params, ...], x: Tensor, inner_step: int) -> Tensor:
+    """model(x) with `tensors` (params, buffers) in place of its own. A model with per-step weights or
+    statistics (MAML++'s per-step BatchNorm: `takes_inner_step = True`) is also told the inner step whose
+    weights to use: step i's support forward and the query forward after step i both use i (MAML++'s code)."""
+    kwargs = {"inner_step": inner_step} if getattr(model, "takes_inner_step", False) else {}
+    return functional_call(model, tensors, (x,), kwargs)
+
+
+def _minus(a: Params, b: Params) -> Params:
+    return {name: a[name] - b[name] for name in a}
+
+
 def _inner_steps(
-    support_loss: Callable[[Params], Tensor],
+    support_loss: Callable[[Params, int], Tensor],
     params: Params,
     state: State,
     lr: InnerLR,
@@ -160,13 +179,16 @@ def _inner_steps(
         # First order: the inner gradient is a constant, so take it at detached params; that builds no
         # graph for the outer derivative to walk (same values as detaching the gradient afterwards). The
         # optimizer's own use of the params (weight decay) stays differentiable, as in `higher`.
-        grads = grad(support_loss)(_detached(params) if first_order else params)
+        grads = grad(support_loss)(_detached(params) if first_order else params, step)
         params, state = inner_optimizer.update(grads, state, params, lr, step)
         yield params, state
 
 
-def _evaluate(params: Params, buffers: Params, x: Tensor, y: Tensor, model: nn.Module, loss: LossName):
-    out = functional_call(model, (params, buffers), (x,))
+def _evaluate(
+    params: Params, buffers: Params, x: Tensor, y: Tensor, model: nn.Module, loss: LossName, inner_step: int
+):
+    """(loss, accuracy or None) of `params` on (x, y); `inner_step`: the step whose output these params are."""
+    out = forward(model, (params, buffers), x, inner_step)
     value = LOSSES[loss](out, y)
     accuracy = (out.argmax(-1) == y).float().mean() if loss == "cross_entropy" else None
     return value, accuracy
@@ -186,6 +208,7 @@ def task_loss(
     step_weights: StepWeights = None,
     adapt_only: Collection[str] | None = None,
     inner_optimizer: InnerOptimizer = PLAIN_SGD,
+    proximal: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Adapt on one task's support set, then evaluate on its query set.
 
@@ -198,23 +221,23 @@ def task_loss(
     """
     inner = dict(
         model=model, loss=loss, steps=steps, lr=lr, first_order=first_order, adapt_only=adapt_only,
-        inner_optimizer=inner_optimizer,
+        inner_optimizer=inner_optimizer, proximal=proximal,
     )  # fmt: skip
     query_x, query_y = task["query"]
     if step_weights is None:
         adapted = adapt(params, buffers, task["support"], **inner)
-        value, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss)
+        value, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss, steps - 1)
         last = value
     else:
         value = 0.0
-        every_step = adapt_steps(params, buffers, task["support"], **inner)
-        for weight, adapted in zip(step_weights, every_step, strict=True):
-            last, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss)
+        every_step = enumerate(adapt_steps(params, buffers, task["support"], **inner))
+        for weight, (i, adapted) in zip(step_weights, every_step, strict=True):
+            last, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss, i)
             value = value + weight * last
     metrics = {"loss": last.detach()} | ({"accuracy": accuracy} if accuracy is not None else {})
     if metrics_before:
         with torch.no_grad():  # the "before" numbers are only reported, never differentiated
-            value_before, accuracy_before = _evaluate(params, buffers, query_x, query_y, model, loss)
+            value_before, accuracy_before = _evaluate(params, buffers, query_x, query_y, model, loss, 0)
         metrics["loss_before"] = value_before
         if accuracy_before is not None:
             metrics["accuracy_before"] = accuracy_before
@@ -293,11 +316,11 @@ def task_loss_and_grad_recompute(
     def rate(rates: list[Tensor]) -> InnerLR:
         return with_rates(rates) if learned_rates else lr
 
-    def support_loss(p: Params) -> Tensor:
-        return loss_fn(functional_call(model, (p, buffers), (x,)), y)
+    def support_loss(p: Params, step: int) -> Tensor:
+        return loss_fn(forward(model, (p, buffers), x, step), y)
 
-    def query_loss(p: Params) -> Tensor:
-        return _evaluate(p, buffers, query_x, query_y, model, loss)[0]
+    def query_loss(p: Params, step: int) -> Tensor:
+        return _evaluate(p, buffers, query_x, query_y, model, loss, step)[0]
 
     # The last STORED_STEPS inner steps are not recomputed: their graphs are needed as soon as they are
     # built, so they run as `task_loss` does (stored) and the recursion starts from their gradient. Each
@@ -315,7 +338,7 @@ def task_loss_and_grad_recompute(
         )
         value = 0.0
         for i, (theta, _) in zip(range(start, steps), every_step, strict=True):
-            last, accuracy = _evaluate(theta, buffers, query_x, query_y, model, loss)
+            last, accuracy = _evaluate(theta, buffers, query_x, query_y, model, loss, i)
             value = value + weights[i] * last
         metrics = {"loss": last.detach()} | ({"accuracy": accuracy} if accuracy is not None else {})
         return value, (value, metrics)
@@ -337,7 +360,7 @@ def task_loss_and_grad_recompute(
         # Here ā = dJ/dz_{i+1} from the later terms: add θ_{i+1}'s own query term, then step back to z_i.
         theta_next, _ = iterates.pop()  # no longer needed after this
         if weights[i] != 0:
-            query_grad, value_i = grad_and_value(query_loss)(theta_next)
+            query_grad, value_i = grad_and_value(query_loss)(theta_next, i)
             value = value + weights[i] * value_i.detach()
             a_theta = {n: a_theta[n] + weights[i] * query_grad[n] for n in a_theta}
         del theta_next
@@ -348,7 +371,7 @@ def task_loss_and_grad_recompute(
 
     metrics = {k: v.detach() for k, v in last_metrics.items()}
     if metrics_before:
-        value_before, accuracy_before = _evaluate(params, buffers, query_x, query_y, model, loss)
+        value_before, accuracy_before = _evaluate(params, buffers, query_x, query_y, model, loss, 0)
         metrics["loss_before"] = value_before.detach()
         if accuracy_before is not None:
             metrics["accuracy_before"] = accuracy_before
@@ -442,6 +465,7 @@ def meta_loss(
     adapt_only: Collection[str] | None = None,
     memory: Literal["store", "recompute"] = "store",
     inner_optimizer: InnerOptimizer = PLAIN_SGD,
+    meta_gradient=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The MAML meta-objective over a meta-batch: the mean over tasks of the post-adaptation query loss.
 
@@ -459,6 +483,11 @@ def meta_loss(
             "recompute" keeps only the inner iterates and recomputes one step at a time on the way back
             (`task_loss_and_grad_recompute`): the same exact meta-gradient, memory flat in the steps, for
             about one more inner forward and backward per step. Not with `adapt_only` (yet).
+    meta_gradient: None is MAML's, differentiated through the inner loop. Otherwise an object of
+            fmaml.meta_gradients (`Implicit`: iMAML; `Reptile`) whose `task_loss_and_grad(params, buffers,
+            task, **config)` gives one task's meta-gradient without differentiating through the inner steps,
+            run over the tasks by the same strategies; its `proximal` term is part of the inner problem
+            (evaluation adapts with it too), and its `check` refuses the options it cannot honour.
     Under "loop" (and each chunk of "chunked:N") one task's (chunk's) meta-gradient is finished before the
     next starts, so memory grows with one task (chunk), not the meta-batch.
     Returns (loss, metrics): `loss` is a scalar; when grad is enabled and some param (or learned rate)
@@ -480,6 +509,11 @@ def meta_loss(
         memory=memory,
         inner_optimizer=inner_optimizer,
     )
+    if meta_gradient is not None:
+        meta_gradient.check(
+            model=model, lr=lr, first_order=first_order, step_weights=step_weights, adapt_only=adapt_only,
+            memory=memory,
+        )  # fmt: skip
     strategy = resolve_strategy(strategy, model, tasks["support"][0].device)
     config = dict(
         model=model,
@@ -491,7 +525,7 @@ def meta_loss(
         step_weights=step_weights,
         adapt_only=adapt_only,
         inner_optimizer=inner_optimizer,
-    )
+    ) | ({"proximal": meta_gradient.proximal} if meta_gradient is not None else {})
     names = [name for name, p in params.items() if p.requires_grad]
     learned, with_rates = _learned_rates(lr) if torch.is_grad_enabled() else ([], None)
     if not (torch.is_grad_enabled() and (names or learned)):
@@ -510,6 +544,15 @@ def meta_loss(
     def recomputed(inputs: tuple[Params, list[Tensor]], b: Params, t: Tasks):
         p, rates = inputs
         return task_loss_and_grad_recompute(p, b, t, learned_rates=rates, **recompute)
+
+    if meta_gradient is not None:
+        # iMAML, Reptile: no graph through the inner steps, so one per-task function for every strategy.
+        def per_task(p: Params, b: Params, t: Tasks):
+            return meta_gradient.task_loss_and_grad(p, b, t, **config)
+
+        grads, values, metrics = _over_tasks(per_task, detached, buffers, tasks, strategy)
+        mean_grads = tuple(grads[name].mean(0) for name in names)
+        return _ExactMetaLoss.apply(values.mean(), mean_grads, *inputs), metrics
 
     if strategy == "loop":
         # Without vmap the batch_norm bug cannot arise, so plain autograd can differentiate each task. Each
