@@ -50,6 +50,9 @@ COMMON = [
 # MAML++ step on average over a first-order and second-order half (180 steps in 499 s), so about 430
 # steps in 20 minutes (MAML: 1.28 s per step).
 MAMLPP_STEPS = 430
+# Reptile's meta-steps in 20 minutes on one thread: a pilot of 100 steps took 0.95 s per step beside other
+# work (validation excluded), so about 1,300; a run that reaches max_steps stops there, annealed.
+REPTILE_STEPS = 1300
 RECIPES: dict[str, dict] = {
     "maml": {"args": ["--config", "configs/omniglot_5w1s.yaml"], "label": "MAML"},
     "fomaml": {
@@ -71,7 +74,13 @@ RECIPES: dict[str, dict] = {
     # draws them from [0.005, 0.1]; starting from MAML's working rate keeps the comparison about learning
     # the rates, not about their start).
     "metasgd": {
-        "args": ["--config", "configs/omniglot_5w1s.yaml", "--model.learn_inner_lr=per_parameter"],
+        "args": [
+            "--config",
+            "configs/omniglot_5w1s.yaml",
+            "--model.inner_optimizer=fmaml.inner_optimizers.SGD",
+            "--model.inner_optimizer.lr=0.4",
+            "--model.inner_optimizer.learn_lr=per_parameter",
+        ],
         "label": "Meta-SGD",
     },
     "anil": {"args": ["--config", "configs/omniglot_anil.yaml", *TASK_5W1S], "label": "ANIL"},
@@ -90,10 +99,33 @@ RECIPES: dict[str, dict] = {
         ],  # fmt: skip
         "label": "MAML, Adam inner loop",
     },
+    # iMAML: configs/omniglot_imaml.yaml (its paper's code: 16 inner SGD steps at 0.1, λ = 2, 5 CG steps,
+    # meta-batch 32) on this task. Tested after 5 steps (paired with MAML's 5) and after its own 16.
+    "imaml": {
+        "args": ["--config", "configs/omniglot_imaml.yaml", *TASK_5W1S],
+        "label": "iMAML",
+        "eval_steps": (5, 16),
+    },
+    # Reptile: configs/omniglot_reptile.yaml (its paper's: 5 inner Adam steps at 0.001 with β1 = 0,
+    # meta-batch 5, SGD at 1.0 on θ - φ annealed linearly to 0). The anneal is scaled to the steps this
+    # budget reaches (REPTILE_STEPS), as MAML++'s schedules are. Tested after 5 steps and after its own 50.
+    "reptile": {
+        "args": [
+            "--config",
+            "configs/omniglot_reptile.yaml",
+            *TASK_5W1S,
+            f"--trainer.max_steps={REPTILE_STEPS}",
+            f"--model.lr_scheduler.init_args.total_iters={REPTILE_STEPS}",
+        ],
+        "label": "Reptile",
+        "eval_steps": (5, 50),
+    },
     # Omniglot 20-way 1-shot, the paper's settings (5 inner steps of 0.1, meta-batch 16), its own budget.
     "maml_20w1s": {"args": ["--config", "configs/omniglot_20w1s.yaml"], "label": "MAML 20-way 1-shot"},
 }
-EVAL_STEPS = (3, 5)  # every recipe is tested after the same numbers of inner steps
+# Every recipe is tested after the same numbers of inner steps, paired with MAML's after the same; iMAML
+# and Reptile, trained with many more inner steps, also after their own number (`eval_steps`).
+EVAL_STEPS = (3, 5)
 REFERENCE = "maml"
 
 
@@ -118,14 +150,22 @@ def checkpoint(name: str, out: Path) -> Path:
     return out / "logs" / name / "version_0" / "checkpoints" / "last.ckpt"
 
 
+def eval_steps(name: str) -> tuple[int, int]:
+    return RECIPES[name].get("eval_steps", EVAL_STEPS)
+
+
+def tested(name: str, out: Path) -> bool:
+    return all(test_csv(name, out, k).exists() for k in eval_steps(name))
+
+
 def test_csv(name: str, out: Path, eval_steps: int) -> Path:
     return out / f"{name}_test{eval_steps}.csv"
 
 
 def run_recipe(name: str, out: Path, budget_minutes: float, core: int) -> subprocess.Popen:
-    """Fit, then test after each EVAL_STEPS, in one shell pinned to `core` with one thread."""
+    """Fit, then test after each of its eval steps, in one shell pinned to `core` with one thread."""
     commands = [fit_command(name, out, budget_minutes)] if not checkpoint(name, out).exists() else []
-    commands += [test_command(name, out, k) for k in EVAL_STEPS]
+    commands += [test_command(name, out, k) for k in eval_steps(name)]
     script = " && ".join(subprocess.list2cmdline(["taskset", "-c", str(core), *c]) for c in commands)
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log = open(out / f"{name}.log", "a")  # noqa: SIM115 (closed with the process, in main)
@@ -147,7 +187,11 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * sd / math.sqrt(n)
 
 
-def training_record(name: str, out: Path) -> dict:
+def training_record(name: str, out: Path, earlier: dict) -> dict:
+    """Steps and training seconds from the run's checkpoint, or, where the logs are gone (they are not kept
+    in the repository), from the earlier results.json."""
+    if not checkpoint(name, out).exists() and name in earlier:
+        return {k: earlier[name][k] for k in ("steps", "train_seconds", "seconds_per_step")}
     state = torch.load(checkpoint(name, out), map_location="cpu", weights_only=False)
     seconds = next(v["seconds"] for k, v in state["callbacks"].items() if "TrainingTime" in k)
     steps = state["global_step"]
@@ -155,20 +199,23 @@ def training_record(name: str, out: Path) -> dict:
 
 
 def report(out: Path, names: list[str]) -> dict:
+    """results.json: per recipe, test{k} = (mean, 95% CI) after k eval steps and minus_maml{k} = the paired
+    difference from MAML after the same column's steps (3 or 5); results.md, the table; curves.png."""
+    earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     results: dict[str, dict] = {}
     for name in names:
-        if not all(test_csv(name, out, k).exists() for k in EVAL_STEPS):
+        if not tested(name, out):
             continue
-        record = training_record(name, out) | {"label": RECIPES[name]["label"]}
-        for k in EVAL_STEPS:
+        record = training_record(name, out, earlier) | {"label": RECIPES[name]["label"]}
+        record["eval_steps"] = list(eval_steps(name))
+        for k, reference_k in zip(eval_steps(name), EVAL_STEPS, strict=True):
             tasks = read_tasks(test_csv(name, out, k))
             record[f"test{k}"] = mean_ci(tasks)
             record[f"tasks{k}"] = len(tasks)
-            if name != REFERENCE and test_csv(REFERENCE, out, k).exists() and name != "maml_20w1s":
-                reference = read_tasks(test_csv(REFERENCE, out, k))
-                record[f"minus_{REFERENCE}{k}"] = mean_ci(
-                    [a - b for a, b in zip(tasks, reference, strict=True)]
-                )
+            reference = test_csv(REFERENCE, out, reference_k)
+            if name != REFERENCE and reference.exists() and name != "maml_20w1s":
+                differences = [a - b for a, b in zip(tasks, read_tasks(reference), strict=True)]
+                record[f"minus_{REFERENCE}{k}"] = mean_ci(differences)
         results[name] = record
     (out / "results.json").write_text(json.dumps(results, indent=1))
     lines = [
@@ -176,23 +223,21 @@ def report(out: Path, names: list[str]) -> dict:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in results.values():
-        paired = (
-            " / ".join(
-                f"{100 * r[f'minus_{REFERENCE}{k}'][0]:+.2f} ± {100 * r[f'minus_{REFERENCE}{k}'][1]:.2f}"
-                for k in EVAL_STEPS
-            )
-            if f"minus_{REFERENCE}3" in r
-            else ""
-        )
-        accuracies = [f"{100 * r[f'test{k}'][0]:.2f} ± {100 * r[f'test{k}'][1]:.2f} %" for k in EVAL_STEPS]
+        accuracies, paired = [], []
+        for k, column_steps in zip(r["eval_steps"], EVAL_STEPS, strict=True):
+            own = f" ({k} steps)" if k != column_steps else ""
+            accuracies.append(f"{100 * r[f'test{k}'][0]:.2f} ± {100 * r[f'test{k}'][1]:.2f} %{own}")
+            if f"minus_{REFERENCE}{k}" in r:
+                mean, ci = r[f"minus_{REFERENCE}{k}"]
+                paired.append(f"{100 * mean:+.2f} ± {100 * ci:.2f}{own}")
         lines.append(
-            f"| {r['label']} | {accuracies[0]} | {accuracies[1]} | {paired} | {r['steps']:,} | "
+            f"| {r['label']} | {accuracies[0]} | {accuracies[1]} | {' / '.join(paired)} | {r['steps']:,} | "
             f"{r['seconds_per_step']:.2f} |"
         )
     table = "\n".join(lines)
     (out / "results.md").write_text(table + "\n")
     print(table)
-    runs = [n for n in results if n != "maml_20w1s"]
+    runs = [n for n in results if n != "maml_20w1s" and checkpoint(n, out).exists()]
     if runs:
         from fmaml import curves
 
@@ -227,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--parallel={args.parallel}: this machine lets this process use {len(cores)} core(s)")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
-        pending = [n for n in names if not all(test_csv(n, args.out, k).exists() for k in EVAL_STEPS)]
+        pending = [n for n in names if not tested(n, args.out)]
         free, running = sorted(cores)[: args.parallel], {}
         while pending or running:
             while pending and free:

@@ -314,9 +314,13 @@ RENAMED_SETTING = re.compile(r"model\.(inner_lr|learn_inner_lr)\b")
 
 def _own_message(message: str) -> str:
     """fmaml's own line out of jsonargparse's report on a union-typed setting (`--model.inner_optimizer`,
-    InnerOptimizer | OptimizerCallable: it lists why each type refused the value), else `message`."""
-    own = re.search(r"model\.inner_optimizer \(\w+\): [^\n]*", message)
-    return own[0] if own else message
+    InnerOptimizer | OptimizerCallable; `--model.meta_gradient`, MetaGradient | None: it lists why each type
+    refused the value), else `message`."""
+    if own := re.search(r"model\.inner_optimizer \(\w+\): [^\n]*", message):
+        return own[0]
+    if own := re.search(r"(?<![\w.])meta_gradient\.\w+=[^\n]*", message):
+        return "model." + own[0]
+    return message
 
 
 def command_line(args: list[str] | None = None) -> int:

@@ -511,8 +511,9 @@ def meta_loss(
     )
     if meta_gradient is not None:
         meta_gradient.check(
-            model=model, lr=lr, first_order=first_order, step_weights=step_weights, adapt_only=adapt_only,
-            memory=memory,
+            first_order=first_order, multi_step_loss=step_weights is not None, adapt_only=adapt_only,
+            memory=memory, learned_lr=bool(_learned_rates(lr)[0]),
+            per_step_network=getattr(model, "takes_inner_step", False),
         )  # fmt: skip
     strategy = resolve_strategy(strategy, model, tasks["support"][0].device)
     config = dict(

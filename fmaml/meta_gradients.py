@@ -31,32 +31,33 @@ from torch.func import grad, grad_and_value
 from fmaml.maml import LOSSES, Params, Tasks, _dot, _evaluate, adapt, forward
 
 
-class _NotThroughTheInnerLoop:
-    """What iMAML and Reptile share: no graph through the inner steps, hence no MAML-only option."""
+class MetaGradient:
+    """A meta-gradient not taken through the inner loop (iMAML's, Reptile's): the base of the classes
+    `model.meta_gradient` takes. What they share: no graph through the inner steps, hence none of MAML's
+    options that presuppose one."""
 
     proximal = 0.0
     name = ""
 
-    def check(self, *, model, lr, first_order, step_weights, adapt_only, memory, prefix: str = "") -> None:
-        """Refuse MAML's options that presuppose differentiating through the inner steps (ValueError)."""
+    def check(
+        self, *, first_order, multi_step_loss, adapt_only, memory, learned_lr, per_step_network, prefix=""
+    ) -> None:
+        """Refuse, with the reason and the fix, the options that have no meaning here (ValueError)."""
         why = f"{self.name} never differentiates through the inner steps"
         refused = {
-            "first_order": (first_order, f"{why}: drop first_order (MAML's option)"),
-            "multi_step_loss / step_weights": (
-                step_weights is not None,
-                f"{why}, so a loss after every step has no meta-gradient: drop the multi-step loss",
+            "first_order (or second_order_from_step)": (first_order, f"{why}: drop it (MAML's option)"),
+            "the multi-step loss": (multi_step_loss, f"{why}, so a loss after every step has no gradient"),
+            "adapt_only (ANIL)": (
+                adapt_only is not None,
+                f"ANIL's frozen body with {self.name} is not supported",
             ),
-            "adapt_only": (adapt_only is not None, f"ANIL's frozen body with {self.name} is not supported"),
             "memory=recompute": (
                 memory == "recompute",
                 f"{why}, so its memory is already flat in the steps: use memory=store (or auto)",
             ),
-            "learned inner rates (learn_lr)": (
-                any(isinstance(r, Tensor) and r.requires_grad for r in torch.utils._pytree.tree_leaves(lr)),
-                f"{why}, so the inner rate gets no meta-gradient: use learn_lr: off",
-            ),
+            "learned inner rates (learn_lr)": (learned_lr, f"{why}, so the rates get no meta-gradient"),
             "a per-step network (per-step BatchNorm)": (
-                getattr(model, "takes_inner_step", False),
+                per_step_network,
                 "per-step BatchNorm is MAML++'s, learned through the steps: turn it off",
             ),
         }
@@ -89,7 +90,7 @@ def _adapted(params: Params, buffers: Params, task: Tasks, proximal: float, conf
     return adapt(detached, buffers, task["support"], first_order=True, proximal=proximal, **inner)
 
 
-class Implicit(_NotThroughTheInnerLoop):
+class Implicit(MetaGradient):
     """iMAML's implicit meta-gradient (module docstring).
 
     lam: λ, the proximal term's weight (the iMAML paper's Omniglot runs: 2.0 for 5-way, 1.0 for 20-way).
@@ -136,7 +137,9 @@ class Implicit(_NotThroughTheInnerLoop):
         support_x, support_y = task["support"]
 
         def support_grad(p: Params) -> Params:
-            return grad(lambda q: LOSSES[loss](forward(model, (q, buffers), support_x, steps - 1), support_y))(p)
+            return grad(
+                lambda q: LOSSES[loss](forward(model, (q, buffers), support_x, steps - 1), support_y)
+            )(p)
 
         def hessian_vector(v: Params) -> Params:
             # Reverse over reverse: exact under vmap through batch_norm (see fmaml.maml).
@@ -176,7 +179,7 @@ def conjugate_gradient(matvec, b: Params, iterations: int, tol: float = 0.0) -> 
     return x
 
 
-class Reptile(_NotThroughTheInnerLoop):
+class Reptile(MetaGradient):
     """Reptile's meta-gradient θ - φ (module docstring): hand it to the meta-optimizer as its gradient
     (the paper: plain SGD with the outer step size ε, `optimizer: torch.optim.SGD, lr: 1.0`, linearly
     annealed to 0; its inner loop is Adam with β1 = 0). The query set only gives the reported metrics."""

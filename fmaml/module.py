@@ -37,6 +37,7 @@ from fmaml.maml import (
     msl_weights,
     resolve_strategy,
 )
+from fmaml.meta_gradients import MetaGradient
 from fmaml.schedules import CosineAnnealingToMaxSteps, check_max_steps_for_schedule
 from fmaml.settings_check import warn_ignored_model_settings
 
@@ -89,6 +90,9 @@ class MAML(L.LightningModule):
         still applies (memory mode allowed, same device and precision, within budget), else measured
         again, saying why. Evaluation, which computes no meta-gradient, uses it too (or, with no valid
         choice, the engine's fixed rule).
+    meta_gradient: None (MAML: the meta-gradient through the inner steps), or one not taken through them:
+        `fmaml.meta_gradients.Implicit` (iMAML: λ, CG iterations; evaluation adapts with its proximal term
+        too) or `fmaml.meta_gradients.Reptile` (θ - φ handed to the meta-optimizer). See that module.
     memory: "store" keeps every inner step's graph for the meta-gradient; "recompute" keeps only the
         inner iterates and recomputes one step at a time (memory flat in the inner steps, the same exact
         meta-gradient; see `fmaml.maml.meta_loss`); "auto": chosen with strategy="auto", else "store".
@@ -133,6 +137,7 @@ class MAML(L.LightningModule):
         auto_memory_share: float = 0.5,
         meta_grad_clip_value: float | None = None,
         meta_grad_clip_norm: float | None = None,
+        meta_gradient: MetaGradient | None = None,
     ):
         super().__init__()
         # Fail at start-up, not after data preparation, on settings the engine would reject at step 0.
@@ -157,12 +162,26 @@ class MAML(L.LightningModule):
             second_order_from_step,
             first_order,
         )
+        if meta_gradient is not None:
+            meta_gradient.check(
+                first_order=first_order or second_order_from_step is not None,
+                multi_step_loss=multi_step_loss, adapt_only=adapt_only, memory=memory,
+                learned_lr=self.inner_optimizer.learn_lr != "off",
+                per_step_network=False, prefix="model.",
+            )  # fmt: skip
         _check_clip("model.meta_grad_clip_value", meta_grad_clip_value)
         _check_clip("model.meta_grad_clip_norm", meta_grad_clip_norm)
-        self.save_hyperparameters(ignore=["network", "inner_optimizer", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(
+            ignore=["network", "inner_optimizer", "optimizer", "lr_scheduler", "meta_gradient"]
+        )
         warn_ignored_model_settings(self)
         self.automatic_optimization = False
         self.network = network(num_outputs)
+        if meta_gradient is not None and getattr(self.network, "takes_inner_step", False):
+            meta_gradient.check(
+                first_order=False, multi_step_loss=False, adapt_only=None, memory="store", learned_lr=False,
+                per_step_network=True, prefix="model.",
+            )  # fmt: skip
         self.loss = loss
         self.strategy = strategy
         self.meta_loss = torch.compile(meta_loss) if compile else meta_loss
@@ -170,7 +189,7 @@ class MAML(L.LightningModule):
         inner_lr = self.inner_optimizer.lr
         self.train_inner = dict(
             steps=inner_steps, lr=inner_lr, first_order=first_order, adapt_only=self.adapt_only,
-            inner_optimizer=self.inner_optimizer,
+            inner_optimizer=self.inner_optimizer, meta_gradient=meta_gradient,
         )  # fmt: skip
         self.memory, self.auto_memory_share = memory, auto_memory_share
         # strategy="auto": {"strategy": ..., "memory": ...} measured on the first meta-batch (or restored).
@@ -181,6 +200,7 @@ class MAML(L.LightningModule):
             lr=inner_lr if eval_inner_lr is None else eval_inner_lr,
             adapt_only=self.adapt_only,
             inner_optimizer=self.inner_optimizer,
+            meta_gradient=meta_gradient,  # for iMAML's proximal term, evaluation adapts with it too
         )
         self.multi_step_loss = multi_step_loss
         self.msl_anneal_steps = msl_anneal_steps
@@ -254,8 +274,8 @@ class MAML(L.LightningModule):
         return {"strategy": strategy} | ({"memory": memory} if memory != "store" else {})
 
     def _auto_memories(self) -> tuple[str, ...]:
-        if self.adapt_only is not None:
-            return ("store",)  # recompute does not support ANIL
+        if self.adapt_only is not None or self.train_inner["meta_gradient"] is not None:
+            return ("store",)  # recompute supports neither ANIL nor iMAML/Reptile (flat already)
         return ("store", "recompute") if self.memory == "auto" else (self.memory,)
 
     def _precision(self) -> str | None:
