@@ -46,10 +46,11 @@ COMMON = [
 # MAML++'s schedules are lengths in steps (cosine over max_steps, multi-step-loss annealing, first order
 # until a step); its paper's 50,000 steps would leave all three at their start in a 20-minute run, so they
 # are scaled to the steps this budget reaches, in the paper's proportions (multi-step loss annealed over
-# the first 10%, second order from the middle). Measured on one thread beside another run: 2.77 s per
-# MAML++ step on average over a first-order and second-order half (180 steps in 499 s), so about 430
-# steps in 20 minutes (MAML: 1.28 s per step).
-MAMLPP_STEPS = 430
+# the first 10%, second order from the middle). The old MAML++ row (BatchNorm adapted, no per-step
+# BatchNorm) took 2.77 s per step on one thread beside another run (430 steps in 20 minutes); the full
+# recipe adapts no BatchNorm (cheaper) and replays each inner trajectory for the per-step running statistics
+# (22% of a second-order and 33% of a first-order step, fmaml/per_step_batch_norm.py): about 3.4 s, so 350.
+MAMLPP_STEPS = 350
 # Reptile's meta-steps in 20 minutes on one thread: a pilot of 100 steps took 0.95 s per step beside other
 # work (validation excluded), so about 1,300; a run that reaches max_steps stops there, annealed.
 REPTILE_STEPS = 1300

@@ -11,16 +11,22 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from fmaml.per_step_batch_norm import PerStepBatchNorm2d
 
-def _conv_block(in_channels: int, filters: int, pooling: Literal["max", "stride"]) -> nn.Sequential:
+
+def _conv_block(
+    in_channels: int, filters: int, pooling: Literal["max", "stride"], per_step: int, running_stats: bool
+) -> nn.Sequential:
     # BatchNorm uses batch statistics at train and test time alike, as in MAML; tracking running stats
-    # would be state updated in place during adaptation, which neither the math nor vmap allows.
+    # would be state updated in place during adaptation, which neither the math nor vmap allows. MAML++'s
+    # per-step BatchNorm keeps its running statistics as state updated outside the forward instead.
     stride = 2 if pooling == "stride" else 1
-    layers = [
-        nn.Conv2d(in_channels, filters, kernel_size=3, stride=stride, padding=1),
-        nn.BatchNorm2d(filters, track_running_stats=False),
-        nn.ReLU(),
-    ]
+    norm = (
+        PerStepBatchNorm2d(filters, per_step, running_stats)
+        if per_step
+        else nn.BatchNorm2d(filters, track_running_stats=False)
+    )
+    layers = [nn.Conv2d(in_channels, filters, kernel_size=3, stride=stride, padding=1), norm, nn.ReLU()]
     if pooling == "max":
         layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers)
@@ -47,6 +53,13 @@ class ConvNet(nn.Module):
         (maml.py `construct_conv_weights`): Xavier-uniform convolutions, zero biases, and a head drawn from
         N(0, 1) with head_input="mean" (its Omniglot head, tf.random_normal) or Xavier-uniform with
         "flatten" (its MiniImageNet head). BatchNorm starts at offset 0, scale 1 either way.
+    per_step_batch_norm: MAML++'s BNWB, 0 (default) for MAML's BatchNorm. N >= 1: each BatchNorm layer
+        has a weight and bias per inner step, [N, C], inner step i using row min(i, N - 1) (N = the
+        training inner steps in MAML++); the network is then called as network(x, inner_step=i), which
+        fmaml.maml does for a network with `takes_inner_step`.
+    per_step_running_stats: MAML++'s BNRS (needs per_step_batch_norm): running statistics per inner step,
+        used in eval mode (validation, test), updated by fmaml.per_step_batch_norm after each training
+        meta-step. See that module for how they differ from MAML++'s code.
     """
 
     def __init__(
@@ -58,8 +71,11 @@ class ConvNet(nn.Module):
         pooling: Literal["max", "stride"] = "stride",
         head_input: Literal["flatten", "mean"] = "flatten",
         init: Literal["pytorch", "reference"] = "pytorch",
+        per_step_batch_norm: int = 0,
+        per_step_running_stats: bool = False,
     ):
         super().__init__()
+        _check_per_step(per_step_batch_norm, per_step_running_stats)
         for name, value in (("ways", ways), ("in_channels", in_channels), ("filters", filters)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ConvNet {name}={value!r} must be an integer >= 1")
@@ -81,8 +97,18 @@ class ConvNet(nn.Module):
         if size < 1:
             raise ValueError(f"ConvNet image_size={image_size} is too small for 4 halvings: use >= 16")
         self.features = nn.Sequential(
-            *(_conv_block(in_channels if i == 0 else filters, filters, pooling) for i in range(4))
+            *(
+                _conv_block(
+                    in_channels if i == 0 else filters,
+                    filters,
+                    pooling,
+                    per_step_batch_norm,
+                    per_step_running_stats,
+                )
+                for i in range(4)
+            )
         )
+        self.takes_inner_step = per_step_batch_norm > 0
         self.head_input = head_input
         self.head = nn.Linear(filters * (1 if head_input == "mean" else size * size), ways)
         self.input_shape = (in_channels, image_size, image_size)  # checked against the data by the CLI
@@ -99,11 +125,30 @@ class ConvNet(nn.Module):
             nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        features = self.features(x)
+    def forward(self, x: Tensor, inner_step: int = 0) -> Tensor:
+        features = self._per_step_features(x, inner_step) if self.takes_inner_step else self.features(x)
         if self.head_input == "mean":
             return self.head(features.mean(dim=(2, 3)))
         return self.head(features.flatten(1))
+
+    def _per_step_features(self, x: Tensor, inner_step: int) -> Tensor:
+        for layer in (layer for block in self.features for layer in block):
+            x = layer(x, inner_step) if isinstance(layer, PerStepBatchNorm2d) else layer(x)
+        return x
+
+
+def _check_per_step(steps, running_stats) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(
+            f"model.network.init_args.per_step_batch_norm={steps!r}: give the number of inner steps with "
+            "their own BatchNorm weight and bias, an integer >= 0 (0: one for all steps, MAML's; MAML++: "
+            "model.inner_steps)"
+        )
+    if running_stats and not steps:
+        raise ValueError(
+            f"model.network.init_args.per_step_running_stats={running_stats!r} needs per-step BatchNorm: "
+            "set per_step_batch_norm to the inner steps (e.g. model.inner_steps), or drop per_step_running_stats"
+        )
 
 
 class MLP(nn.Module):

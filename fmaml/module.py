@@ -38,6 +38,7 @@ from fmaml.maml import (
     resolve_strategy,
 )
 from fmaml.meta_gradients import MetaGradient
+from fmaml.per_step_batch_norm import update_running_statistics
 from fmaml.schedules import CosineAnnealingToMaxSteps, check_max_steps_for_schedule
 from fmaml.settings_check import warn_ignored_model_settings
 
@@ -427,6 +428,9 @@ class MAML(L.LightningModule):
         value, metrics = self._meta_loss(
             tasks, dict(self.network.named_parameters()), metrics_before=logs, **inner
         )
+        # MAML++'s per-step running statistics (a no-op without them): those of the inner trajectories this
+        # meta-step used, so before the update; outside the meta-gradient's computation.
+        update_running_statistics(self.network, tasks, strategy=self._execution()["strategy"], **inner)
         if self._defers_finite_check(value):
             self._guarded_update(optimizer, value)
         else:

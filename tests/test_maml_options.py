@@ -432,6 +432,7 @@ def test_default_module_settings_are_the_plain_ones():
         "first_order": False,
         "adapt_only": None,
         "inner_optimizer": plain_sgd,
+        "meta_gradient": None,  # the engine's default: MAML's, through the inner loop
     }
     assert plain_sgd.is_stateless  # θ - lr * g, the paper's step
 
