@@ -38,7 +38,7 @@ from fmaml.maml import (
     resolve_strategy,
 )
 from fmaml.meta_gradients import MetaGradient
-from fmaml.per_step_batch_norm import update_running_statistics
+from fmaml.per_step_batch_norm import statistics_layers, update_running_statistics
 from fmaml.schedules import CosineAnnealingToMaxSteps, check_max_steps_for_schedule
 from fmaml.settings_check import warn_ignored_model_settings
 
@@ -494,6 +494,15 @@ class MAML(L.LightningModule):
             "stopped. No update was applied from that step on, and no checkpoint holds that state. "
             + self._nonfinite_hint()
         )
+
+    def on_fit_start(self) -> None:
+        if self.trainer.world_size > 1 and statistics_layers(self.network):
+            # Each process would fold only its own tasks' statistics, and the processes' running statistics
+            # would drift apart (the functional forward never goes through DDP's buffer broadcast).
+            raise ValueError(
+                "model.network.init_args.per_step_running_stats=true is not supported with more than one "
+                f"process (world size {self.trainer.world_size}) yet: train it on one device, or turn it off"
+            )
 
     def on_train_start(self) -> None:
         # After a resume has restored the scheduler's state, which carries the old run's length.

@@ -349,3 +349,20 @@ def test_mamlpp_config_trains_the_running_statistics_and_tests_with_them(
             value.fill_(0.0 if name.endswith("running_mean") else 1.0)
     torch.save(state, tmp_path / "init_statistics.ckpt")
     assert test_loss(checkpoint) != test_loss(tmp_path / "init_statistics.ckpt")
+
+
+def test_running_statistics_are_refused_across_processes():
+    """Under DDP each process would fold only its own tasks' statistics: refused when the fit starts."""
+    from types import SimpleNamespace
+
+    from fmaml.module import MAML
+
+    def network(outputs):
+        return ConvNet(outputs, filters=2, image_size=16, per_step_batch_norm=2, per_step_running_stats=True)
+
+    module = MAML(network, num_outputs=2, inner_steps=2)
+    module._trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match="per_step_running_stats=true is not supported with more than one"):
+        module.on_fit_start()
+    module._trainer = SimpleNamespace(world_size=1)
+    module.on_fit_start()
