@@ -36,7 +36,12 @@ The MAML++ / Meta-SGD / ANIL options, each off by default (and then costing noth
 - `step_weights`: the multi-step loss (MSL), the weighted query loss after every inner step
   (`msl_weights` gives MAML++'s annealed weights);
 - `adapt_only`: the names of the params the inner loop adapts (ANIL: the head's); the others are used
-  as they are, and the inner gradient skips them.
+  as they are, and the inner gradient skips them;
+- `meta_gradient`: iMAML's implicit gradient or Reptile's θ - φ instead of differentiating through the
+  inner loop (fmaml.meta_gradients: per-task functions run by the same strategies); `proximal`: iMAML's
+  λ/2 ||φ - θ||² in the inner problem;
+- a model with `takes_inner_step` (MAML++'s per-step BatchNorm, fmaml.per_step_batch_norm) is told the
+  inner step of every forward (`forward`).
 """
 
 from __future__ import annotations
