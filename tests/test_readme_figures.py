@@ -141,6 +141,21 @@ def test_paper_table_sinusoid_rows_equal_paper_table_json():
     _expect(BENCH, "the sinusoid's MSEs at K=10 are lower than the paper's at every step count.")
 
 
+def test_paper_table_main_command_row_equals_paper_table_json():
+    """The row for the default, configs/omniglot.yaml (5-way 5-shot) trained for 30 minutes."""
+    result = _paper_rows()["omniglot_5w5s_main"]
+    row = _row(_table(FRONT, "| setting | split | fmaml"), "Omniglot 5-way 5-shot, the main command")
+    test = result["tests"]["steps=3"]
+    assert row[2] == _pct_ci((test["mean"], test["ci95"]))
+    minutes, per_step = result["train_seconds"] / 60, result["train_seconds"] / result["steps"]
+    assert (
+        row[4]
+        == f"{_thousands(result['steps'])} steps in {minutes:.0f} min of training, {per_step:.2f} s/step"
+    )
+    assert "--training_time.budget_minutes=30" in result["fit_command"]
+    assert "--config configs/omniglot.yaml --data.dataset.init_args.split=paper" in result["fit_command"]
+
+
 def test_paper_table_omniglot_rows_equal_paper_table_json():
     rows = _table(FRONT, "| setting | split | fmaml")
     result = _paper_rows()["omniglot_5w1s_paper"]
