@@ -47,6 +47,16 @@ def config(name: str) -> str:
     return os.path.join(REPO, "configs", name)
 
 
+def error_lines(capsys) -> list[str]:
+    """stderr's `error:` line and the line after it (the hint) of a refused start-up; stderr also holds
+    warnings, which are not errors."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    (first,) = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    return lines[first : first + 2]
+
+
 def class_pattern(class_id: int, size: int, channels: int = 0) -> np.ndarray:
     """A random 7x7 block pattern (bool), fixed by class_id, upscaled to size x size (x channels)."""
     rng = np.random.default_rng(1000 + class_id)

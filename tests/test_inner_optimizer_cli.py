@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from fixtures import TINY, config
+from fixtures import TINY, config, error_lines
 
 from fmaml import inner_optimizers
 from fmaml.cli import command_line, main
@@ -39,15 +39,6 @@ def in_tmp(tmp_path, monkeypatch):
 
 def last_checkpoint(version: int = 0) -> str:
     return os.path.join("logs", "fmaml", f"version_{version}", "checkpoints", "last.ckpt")
-
-
-def error_lines(capsys) -> list[str]:
-    """stderr's `error:` line and the line after it; stderr also holds warnings, which are not errors."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    (first,) = [i for i, line in enumerate(lines) if line.startswith("error:")]
-    return lines[first : first + 2]
 
 
 def metrics(cli) -> dict[str, float]:

@@ -5,7 +5,7 @@ with it; evaluation adapts with iMAML's proximal term; a run with it trains and 
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures import TINY, config
+from fixtures import TINY, config, error_lines
 from torch.func import functional_call
 
 from fmaml import auto_strategy
@@ -25,14 +25,6 @@ STARTUP_HINT = "(FMAML_DEBUG=1 shows the traceback)"
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FMAML_DEBUG", raising=False)
-
-
-def error_lines(capsys) -> list[str]:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    (first,) = [i for i, line in enumerate(lines) if line.startswith("error:")]
-    return lines[first : first + 2]
 
 
 @pytest.mark.parametrize(
