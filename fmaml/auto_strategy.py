@@ -332,17 +332,22 @@ def _budget_change(cached: Choice, budget: int) -> str:
     return ""
 
 
-def phase(inner: dict) -> dict[str, bool]:
+def phase(inner: dict) -> dict[str, bool | str]:
     """The inner-loop settings besides the shapes that change a meta-gradient's cost, time and memory
     alike (second order: about 6x the memory of first order on the MAML++ ConvNet): a run whose settings
-    change them (MAML++: the multi-step loss off, then second order on) measures again."""
+    change them (MAML++: the multi-step loss off, then second order on) measures again. iMAML and Reptile
+    (a `meta_gradient`) are neither order: their name stands in for it."""
+    if (meta_gradient := inner.get("meta_gradient")) is not None:
+        return {"meta_gradient": meta_gradient.name, "multi_step_loss": False}
     return {
         "second_order": not inner.get("first_order", False),
         "multi_step_loss": inner.get("step_weights") is not None,
     }
 
 
-def describe_phase(settings: dict[str, bool]) -> str:
+def describe_phase(settings: dict[str, bool | str]) -> str:
+    if "meta_gradient" in settings:
+        return f"{settings['meta_gradient']}'s meta-gradient"
     order = "second order" if settings["second_order"] else "first order"
     return order + (", multi-step loss" if settings["multi_step_loss"] else ", last step's loss")
 

@@ -111,6 +111,7 @@ def test_strategy_auto_measures_with_the_meta_gradient(tmp_path, monkeypatch):
     module._choose_strategy(_sinusoid_tasks(), module._train_inner())
     assert calls, "auto measured without the meta-gradient it will train with"
     assert module.auto_choice["memory"] == "store"
+    assert module.auto_choice["phase"] == {"meta_gradient": "iMAML", "multi_step_loss": False}
 
 
 def test_evaluation_adapts_with_imaml_proximal_term():
