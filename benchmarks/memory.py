@@ -18,6 +18,12 @@ higher and fmaml, e.g. adam, whose state (two moments per weight) the recompute 
     python benchmarks/memory.py --device cpu --inner-optimizer adam --engines loop,loop+recompute \
         --steps-sweep 1,5,10,20 --batch-sweep '' --json mem_adam.json
 
+--meta-gradient (default maml) measures the fmaml engines (not higher, not +recompute) with a meta-gradient
+not taken through the inner loop, fmaml.meta_gradients': implicit (iMAML, --lam, --cg-steps) or reptile:
+
+    python benchmarks/memory.py --device cpu --meta-gradient implicit --cg-steps 5 --engines loop \
+        --steps-sweep 1,5,10,20 --batch-sweep '' --json mem_imaml.json
+
 How memory is measured. Every (engine, setting) runs in a fresh subprocess (this script with --one),
 so nothing another case allocated or cached can be reused and hide its cost. In it: --warmup untimed
 steps (Adam's state, lazy init, allocator caches), then the growth over the state just before the
@@ -71,6 +77,7 @@ from bench_vs_higher import (  # noqa: E402
 )
 
 from fmaml import meta_loss  # noqa: E402
+from fmaml.meta_gradients import Implicit, Reptile  # noqa: E402
 
 ENGINES = [
     "higher",
@@ -97,12 +104,22 @@ def parse_engine(name: str) -> tuple[str, bool]:
 # ---------------------------------------------------------------------------------- one case (--one)
 
 
-def fmaml_engine(model, workload, steps: int, strategy: str, recompute: bool, inner_optimizer: str = "sgd"):
+def make_meta_gradient(job: dict) -> dict:
+    """meta_loss's meta_gradient= for the job's --meta-gradient; nothing for MAML's (the default)."""
+    name = job.get("meta_gradient", "maml")
+    if name == "implicit":
+        return {"meta_gradient": Implicit(lam=job["lam"], cg_steps=job["cg_steps"])}
+    return {"meta_gradient": Reptile()} if name == "reptile" else {}
+
+
+def fmaml_engine(
+    model, workload, steps: int, strategy: str, recompute: bool, inner_optimizer: str = "sgd", **meta_gradient
+):
     """bench_vs_higher's fmaml engine, plus memory=: run(tasks) leaves the meta-gradient in .grad."""
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     # "store" is the default: leaving it out keeps the store cases running on an fmaml without memory=.
     memory = {"memory": "recompute"} if recompute else {}
-    config = dict(model=model, loss=workload.loss, steps=steps, metrics_before=False)
+    config = dict(model=model, loss=workload.loss, steps=steps, metrics_before=False) | meta_gradient
     config |= fmaml_inner_arguments(inner_optimizer, workload)
 
     def run(tasks):
@@ -127,7 +144,10 @@ def measure(job: dict) -> dict:
     if strategy == "higher":
         run = higher_engine(model, workload, job["inner_steps"], inner_optimizer=job["inner_optimizer"])
     else:
-        run = fmaml_engine(model, workload, job["inner_steps"], strategy, recompute, job["inner_optimizer"])
+        run = fmaml_engine(
+            model, workload, job["inner_steps"], strategy, recompute, job["inner_optimizer"],
+            **make_meta_gradient(job),
+        )  # fmt: skip
     optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
 
     def step() -> float:  # as timed by bench_vs_higher.py
@@ -229,6 +249,9 @@ def sweep(args, name: str, values: list[int], done: dict) -> list[dict]:
             job = dict(workload=args.workload, device=args.device, engine=engine, seed=args.seed)
             job |= dict(inner_optimizer=args.inner_optimizer)
             job |= dict(inner_steps=steps, meta_batch=meta_batch, repeats=args.repeats, warmup=args.warmup)
+            if args.meta_gradient != "maml":  # MAML's records stay as they were before --meta-gradient
+                job |= dict(meta_gradient=args.meta_gradient)
+                job |= dict(lam=args.lam, cg_steps=args.cg_steps) if args.meta_gradient == "implicit" else {}
             key = (engine, steps, meta_batch)
             predicted = predict_mb(measured[engine], x)
             if engine == "higher" and importlib.util.find_spec("higher") is None:
@@ -279,13 +302,21 @@ def markdown_table(records: list[dict]) -> str:
             f"{r['sweep']} ({fixed})",
             r["value"],
             r.get("inner_optimizer", "sgd"),  # records written before --inner-optimizer were all sgd
-            r["engine"],
+            r["engine"] + _meta_gradient_note(r),
             f"{r['median_ms']:.1f}" if ok else "-",
             _mb(r["growth_mb"]) if ok else "-",
             "" if ok else f"{r['status']}: {r['note']}".replace("|", "/"),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def _meta_gradient_note(record: dict) -> str:
+    """' (implicit, cg 5)' after an engine measured with --meta-gradient; nothing for MAML's."""
+    name = record.get("meta_gradient", "maml")
+    if name == "maml":
+        return ""
+    return f" ({name}, cg {record['cg_steps']})" if name == "implicit" else f" ({name})"
 
 
 def _optimizers_note(optimizers: set[str]) -> str:
@@ -351,6 +382,14 @@ def parse_args(argv=None):
         choices=list(INNER_OPTIMIZERS),
         help="the inner loop's optimizer, for higher and fmaml alike (bench_vs_higher.py's; default: sgd)",
     )
+    parser.add_argument(
+        "--meta-gradient",
+        default="maml",
+        choices=["maml", "implicit", "reptile"],
+        help="maml (through the inner loop, the default), implicit (iMAML) or reptile: fmaml engines only",
+    )
+    parser.add_argument("--lam", type=float, default=2.0, help="iMAML's proximal weight λ (implicit)")
+    parser.add_argument("--cg-steps", type=int, default=5, help="iMAML's CG iterations (implicit)")
     parser.add_argument("--steps-sweep", type=int_list, default=[1, 5, 10, 20], help="'' to skip")
     parser.add_argument("--meta-batch", type=int, default=8, help="the meta-batch of the steps sweep")
     parser.add_argument("--batch-sweep", type=int_list, default=[1, 2, 4, 8, 16, 32, 64], help="'' to skip")
@@ -376,6 +415,10 @@ def parse_args(argv=None):
         args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
         for engine in args.engines:
             parse_engine(engine)  # fail on a typo now, not after minutes of measurements
+            if args.meta_gradient != "maml" and (engine == "higher" or engine.endswith("+recompute")):
+                parser.error(
+                    f"--meta-gradient {args.meta_gradient} is fmaml's, with memory=store: drop {engine}"
+                )
         if args.repeats < 1 or args.warmup < 0:
             parser.error("--repeats must be >= 1 and --warmup >= 0")
     return args
