@@ -157,18 +157,28 @@ class Implicit(MetaGradient):
 
 
 def conjugate_gradient(matvec, b: Params, iterations: int, tol: float = 0.0) -> Params:
-    """x ≈ A^-1 b for a symmetric positive-definite A given as `matvec`, from x = 0, by `iterations` steps
-    of conjugate gradient; with `tol` > 0 it stops improving once ||r|| <= tol ||b||. Branch-free (the
-    stopping is a mask), so it runs unchanged under vmap."""
+    """x ≈ A^-1 b for a symmetric A given as `matvec`, from x = 0, by `iterations` steps of conjugate
+    gradient; with `tol` > 0 it stops improving once ||r|| <= tol ||b||. Branch-free (stopping is a mask),
+    so it runs unchanged under vmap.
+
+    A = I + H/λ is positive definite at the proximal problem's minimum, but not always after a few inner
+    steps from an untrained network (benchmarks/results/imaml_cg.json: lowest eigenvalue -1.5 on the
+    sinusoid at λ = 2), where plain CG diverges. So a direction of non-positive curvature (pᵀAp <= 0) stops
+    it, truncated CG as in Newton-CG: x is the last iterate before it, or b itself (A taken as I, the
+    first-order answer) when the very first direction has it."""
     x = {n: torch.zeros_like(t) for n, t in b.items()}
     r = dict(b)
     direction = dict(b)
     r_norm2 = _dot(r, r)
     target2 = tol**2 * r_norm2
-    for _ in range(iterations):
-        active = r_norm2 > target2
+    active = r_norm2 > target2
+    negative_at_start = torch.zeros_like(active)
+    for k in range(iterations):
         a_direction = matvec(direction)
         curvature = _dot(direction, a_direction)
+        if k == 0:
+            negative_at_start = active & (curvature <= 0)
+        active = active & (curvature > 0)
         alpha = torch.where(active, r_norm2 / torch.where(active, curvature, 1.0), 0.0)
         x = {n: x[n] + alpha * direction[n] for n in x}
         r = {n: r[n] - alpha * a_direction[n] for n in r}
@@ -176,7 +186,8 @@ def conjugate_gradient(matvec, b: Params, iterations: int, tol: float = 0.0) -> 
         beta = torch.where(active, new_norm2 / torch.where(active, r_norm2, 1.0), 0.0)
         direction = {n: r[n] + beta * direction[n] for n in r}
         r_norm2 = torch.where(active, new_norm2, r_norm2)
-    return x
+        active = active & (r_norm2 > target2)
+    return {n: torch.where(negative_at_start, b[n], x[n]) for n in x}
 
 
 class Reptile(MetaGradient):

@@ -184,19 +184,37 @@ def _reference_phi_torch_adam(flat, support, steps, lr, lam, betas):
 
 
 def test_any_inner_optimizer_runs_with_implicit():
-    """The implicit gradient at the φ that Adam finds (torch.optim.Adam's own steps in the reference)."""
+    """The implicit gradient at the φ that Adam finds (torch.optim.Adam's own steps in the reference). λ = 10:
+    at these Adam iterates I + H/2 is indefinite, where CG stops at the negative curvature (truncated)."""
     model, tasks = _case()
-    flat, betas = _Flat(model), (0.0, 0.999)
+    flat, betas, lam = _Flat(model), (0.0, 0.999), 10.0
     phis = [
-        _reference_phi_torch_adam(flat, _split(tasks, "support", t), STEPS, 0.01, LAM, betas)
+        _reference_phi_torch_adam(flat, _split(tasks, "support", t), STEPS, 0.01, lam, betas)
         for t in range(3)
     ]
-    exact = reference_implicit(model, tasks, phis=phis)
+    exact = reference_implicit(model, tasks, lam=lam, phis=phis)
     adam = fo.Adam(lr=0.01, betas=betas)
     for strategy in ("vmap", "loop"):
-        got, _, _ = fmaml_implicit(model, tasks, lr=0.01, inner_optimizer=adam, strategy=strategy)
+        got, _, _ = fmaml_implicit(model, tasks, lr=0.01, inner_optimizer=adam, strategy=strategy, lam=lam)
         assert relative(got, exact) <= 1e-9, strategy
-    assert relative(reference_implicit(model, tasks, lr=0.01), exact) > 1e-3  # Adam's φ is not SGD's
+    assert relative(reference_implicit(model, tasks, lr=0.01, lam=lam), exact) > 1e-3  # Adam's φ is not SGD's
+
+
+def test_negative_curvature_stops_conjugate_gradient():
+    """An indefinite system: plain CG would divide by pᵀAp <= 0 and wander; truncated CG keeps the iterate
+    before it, or b when the first direction already has it (A taken as I)."""
+    from fmaml.meta_gradients import conjugate_gradient
+
+    b = {"w": torch.tensor([1.0, 1.0], dtype=torch.float64)}
+    indefinite = torch.diag(torch.tensor([1.0, -3.0], dtype=torch.float64))  # bᵀAb = -2 < 0
+    got = conjugate_gradient(lambda v: {"w": indefinite @ v["w"]}, b, 10)
+    torch.testing.assert_close(got["w"], b["w"])
+    # Positive curvature along b, negative along the second direction: one CG step, then stop.
+    later = torch.diag(torch.tensor([3.0, -1.0], dtype=torch.float64))  # bᵀAb = 2 > 0, then pᵀAp = -24
+    first_step = (b["w"] @ b["w"]) / (b["w"] @ later @ b["w"]) * b["w"]
+    got = conjugate_gradient(lambda v: {"w": later @ v["w"]}, b, 10)
+    torch.testing.assert_close(got["w"], first_step)
+    assert torch.isfinite(got["w"]).all()
 
 
 def _residuals(model, tasks, cg_steps):
