@@ -203,7 +203,8 @@ def report(out: Path, names: list[str]) -> dict:
     """results.json: per recipe, test{k} = (mean, 95% CI) after k eval steps and minus_maml{k} = the paired
     difference from MAML after the same column's steps (3 or 5); results.md, the table; curves.png."""
     earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    results: dict[str, dict] = {}
+    # Recipes not in `names` keep their earlier records: `--only` never drops another recipe's results.
+    results: dict[str, dict] = {name: record for name, record in earlier.items() if name not in names}
     for name in names:
         if not tested(name, out):
             continue
@@ -225,7 +226,7 @@ def report(out: Path, names: list[str]) -> dict:
     ]
     for r in results.values():
         accuracies, paired = [], []
-        for k, column_steps in zip(r["eval_steps"], EVAL_STEPS, strict=True):
+        for k, column_steps in zip(r.get("eval_steps", EVAL_STEPS), EVAL_STEPS, strict=True):
             own = f" ({k} steps)" if k != column_steps else ""
             accuracies.append(f"{100 * r[f'test{k}'][0]:.2f} ± {100 * r[f'test{k}'][1]:.2f} %{own}")
             if f"minus_{REFERENCE}{k}" in r:
@@ -238,12 +239,15 @@ def report(out: Path, names: list[str]) -> dict:
     table = "\n".join(lines)
     (out / "results.md").write_text(table + "\n")
     print(table)
-    runs = [n for n in results if n != "maml_20w1s" and checkpoint(n, out).exists()]
+    eligible = [n for n in results if n != "maml_20w1s" and n in names]
+    runs = [n for n in eligible if checkpoint(n, out).exists()]
+    # Curves need the logs, which stay out of git: recipes run later get a plot of their own.
+    plot = "curves.png" if runs == eligible else "curves_" + "_".join(runs) + ".png"
     if runs:
         from fmaml import curves
 
         curves.export(
-            [str(checkpoint(n, out).parent.parent) for n in runs], ["val/accuracy"], str(out / "curves.png"),
+            [str(checkpoint(n, out).parent.parent) for n in runs], ["val/accuracy"], str(out / plot),
             None, x="training_time", labels=[RECIPES[n]["label"] for n in runs],
         )  # fmt: skip
     return results
