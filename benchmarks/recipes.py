@@ -51,9 +51,9 @@ COMMON = [
 # recipe adapts no BatchNorm (cheaper) and replays each inner trajectory for the per-step running statistics
 # (22% of a second-order and 33% of a first-order step, fmaml/per_step_batch_norm.py): about 3.4 s, so 350.
 MAMLPP_STEPS = 350
-# Reptile's meta-steps in 20 minutes on one thread: a pilot of 100 steps took 0.95 s per step beside other
-# work (validation excluded), so about 1,300; a run that reaches max_steps stops there, annealed.
-REPTILE_STEPS = 1300
+# Reptile's meta-steps in 20 minutes on one thread: a first run sized at 1,300 steps from a pilot beside
+# other work took 0.28 s per step and stopped at 1,300 after 6 minutes, so 20 minutes is about 4,200.
+REPTILE_STEPS = 4200
 RECIPES: dict[str, dict] = {
     "maml": {"args": ["--config", "configs/omniglot_5w1s.yaml"], "label": "MAML"},
     "fomaml": {
