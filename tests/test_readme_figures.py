@@ -194,6 +194,7 @@ RECIPE_ROWS = {
     "metasgd": "Meta-SGD",
     "anil": "ANIL",
     "maml_20w1s": "MAML, 20-way",
+    "imaml": "iMAML",
 }
 
 
@@ -205,10 +206,14 @@ def test_recipe_table_equals_recipes_results_json():
 
 
 def _assert_recipe_row(row: list[str], r: dict, recipe: str) -> None:
-    """A recipe table row: accuracies after 3 and 5 steps, the paired difference from MAML, steps, s/step."""
-    assert row[1:3] == [_pct_ci(r["test3"]), _pct_ci(r["test5"])], recipe
-    if "minus_maml3" in r:
-        assert row[3] == f"{_signed_points(r['minus_maml3'])} / {_signed_points(r['minus_maml5'])}", recipe
+    """A recipe table row: accuracies after 3 and 5 steps (or the recipe's own eval steps, marked), the
+    paired difference from MAML after 3 and 5, steps, s/step."""
+    steps = r.get("eval_steps", (3, 5))
+    own = [f" ({k} steps)" if k != column else "" for k, column in zip(steps, (3, 5), strict=True)]
+    assert row[1:3] == [_pct_ci(r[f"test{k}"]) + mark for k, mark in zip(steps, own, strict=True)], recipe
+    if f"minus_maml{steps[0]}" in r:
+        paired = [_signed_points(r[f"minus_maml{k}"]) for k in steps]
+        assert row[3] == " / ".join(paired), recipe
     assert row[4:6] == [_thousands(r["steps"]), f"{r['seconds_per_step']:.2f}"], recipe
 
 
