@@ -682,3 +682,31 @@ def test_adam_memory_and_recipe_prose_equal_their_files():
     r = _json("recipes_5w1s_adam/results.json")
     shown = [f"{100 * r[name]['test3'][0]:.2f} %" for name in ("maml_adam", "maml")]
     _expect(FRONT, "trained far worse than SGD at the same budget ({} against {},", *shown)
+
+
+# ------------------------------------------------------------------------------------ iMAML and Reptile
+
+
+def test_imaml_memory_table_equals_memory_cpu_imaml_steps_json():
+    records = {(r.get("meta_gradient", "maml"), r["value"]): r for r in _json("memory_cpu_imaml_steps.json")}
+    rows = _table(BENCH, "| meta-gradient (loop, meta-batch 8) |")
+    for meta_gradient, prefix in {"maml": "MAML (store)", "implicit": "iMAML", "reptile": "Reptile"}.items():
+        growth = [records[(meta_gradient, s)]["growth_mb"] for s in (1, 5, 10, 20)]
+        row = _row(rows, prefix)
+        assert row[1:5] == [f"{_thousands(growth[0])} MB", *map(_thousands, growth[1:])], meta_gradient
+        assert row[5] == _ratio(growth[3] / growth[0]), meta_gradient
+    imaml = records[("implicit", 20)]["growth_mb"] / records[("implicit", 1)]["growth_mb"]
+    assert imaml <= 1.3, "issue 21's target: iMAML's memory flat (<= 1.3x) from 1 to 20 inner steps"
+
+
+def test_imaml_cg_table_equals_imaml_cg_json():
+    workloads = _json("imaml_cg.json")["workloads"]
+    columns = [(w, lam) for w in ("sinusoid", "omniglot5w1s") for lam in ("2.0", "10.0", "100.0")]
+    rows = _table(BENCH, "| CG iterations |")
+    for k in ("1", "2", "3", "5", "10", "20"):
+        shown = [f"{workloads[w][lam]['relative_error'][k]:.1e}" for w, lam in columns]
+        (row,) = [row for row in rows if row[0] == k]
+        assert row[1:] == shown, k
+    eigenvalues = [workloads[w][lam]["eigenvalues_of_I_plus_H_over_lam"] for w, lam in columns]
+    shown = [f"[{e['lowest']:.2f}, {e['highest']:.1f}]" for e in eigenvalues]
+    assert _row(rows, "eigenvalues")[1:] == shown
