@@ -47,10 +47,10 @@ COMMON = [
 # until a step); its paper's 50,000 steps would leave all three at their start in a 20-minute run, so they
 # are scaled to the steps this budget reaches, in the paper's proportions (multi-step loss annealed over
 # the first 10%, second order from the middle). The old MAML++ row (BatchNorm adapted, no per-step
-# BatchNorm) took 2.77 s per step on one thread beside another run (430 steps in 20 minutes); the full
-# recipe adapts no BatchNorm (cheaper) and replays each inner trajectory for the per-step running statistics
-# (22% of a second-order and 33% of a first-order step, fmaml/per_step_batch_norm.py): about 3.4 s, so 350.
-MAMLPP_STEPS = 350
+# BatchNorm) took 2.77 s per step on one thread beside another run (430 steps in 20 minutes); with per-step
+# BatchNorm and its running statistics it took 5.09 s (236 of 350 steps); without the statistics' replay of
+# each inner trajectory (22-33% of a step, fmaml/per_step_batch_norm.py), about 4 s: 300.
+MAMLPP_STEPS = 300
 # Reptile's meta-steps in 20 minutes on one thread: a first run sized at 1,300 steps from a pilot beside
 # other work took 0.28 s per step and stopped at 1,300 after 6 minutes, so 20 minutes is about 4,200.
 REPTILE_STEPS = 4200

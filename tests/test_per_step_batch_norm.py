@@ -322,6 +322,7 @@ def test_mamlpp_config_trains_the_running_statistics_and_tests_with_them(
     common = [
         "--config",
         config("omniglot_mamlpp.yaml"),
+        "--model.network.per_step_running_stats=true",  # off in the config (see it), on here
         f"--data.root={root}",
         "--model.network.filters=4",
         *TINY,
