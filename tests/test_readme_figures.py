@@ -710,3 +710,14 @@ def test_imaml_cg_table_equals_imaml_cg_json():
     eigenvalues = [workloads[w][lam]["eigenvalues_of_I_plus_H_over_lam"] for w, lam in columns]
     shown = [f"[{e['lowest']:.2f}, {e['highest']:.1f}]" for e in eigenvalues]
     assert _row(rows, "eigenvalues")[1:] == shown
+
+
+def test_mamlpp_bn_statistics_table_equals_its_json():
+    r = _json("mamlpp_bn_statistics.json")
+    rows = _table(BENCH, "| evaluation normalises with |")
+    assert _row(rows, "per-step running statistics")[1] == _pct_ci(
+        (r["per_step_running_statistics"]["mean"], r["per_step_running_statistics"]["ci95"])
+    )
+    assert _row(rows, "each batch's own")[1] == _pct_ci(
+        (r["batch_statistics"]["mean"], r["batch_statistics"]["ci95"])
+    )
