@@ -195,6 +195,7 @@ RECIPE_ROWS = {
     "anil": "ANIL",
     "maml_20w1s": "MAML, 20-way",
     "imaml": "iMAML",
+    "reptile": "Reptile",
 }
 
 
