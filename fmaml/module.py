@@ -163,13 +163,6 @@ class MAML(L.LightningModule):
             second_order_from_step,
             first_order,
         )
-        if meta_gradient is not None:
-            meta_gradient.check(
-                first_order=first_order or second_order_from_step is not None,
-                multi_step_loss=multi_step_loss, adapt_only=adapt_only, memory=memory,
-                learned_lr=self.inner_optimizer.learn_lr != "off",
-                per_step_network=False, prefix="model.",
-            )  # fmt: skip
         _check_clip("model.meta_grad_clip_value", meta_grad_clip_value)
         _check_clip("model.meta_grad_clip_norm", meta_grad_clip_norm)
         self.save_hyperparameters(
@@ -178,10 +171,12 @@ class MAML(L.LightningModule):
         warn_ignored_model_settings(self)
         self.automatic_optimization = False
         self.network = network(num_outputs)
-        if meta_gradient is not None and getattr(self.network, "takes_inner_step", False):
+        if meta_gradient is not None:  # after the network (cheap to build), whose per-step layers it refuses
             meta_gradient.check(
-                first_order=False, multi_step_loss=False, adapt_only=None, memory="store", learned_lr=False,
-                per_step_network=True, prefix="model.",
+                first_order=first_order or second_order_from_step is not None,
+                multi_step_loss=multi_step_loss, adapt_only=adapt_only, memory=memory,
+                learned_lr=self.inner_optimizer.learn_lr != "off",
+                per_step_network=getattr(self.network, "takes_inner_step", False), prefix="model.",
             )  # fmt: skip
         self.loss = loss
         self.strategy = strategy
