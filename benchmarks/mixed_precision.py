@@ -1,18 +1,21 @@
-"""bf16 mixed precision against float32: the meta-gradient, and whether training still gets there.
+"""Mixed precision (bf16, fp16) against float32 under every strategy: the meta-gradient, its time, and
+whether training still gets there.
 
     uv run python benchmarks/mixed_precision.py gradient --json benchmarks/results/mixed_precision/gradient.json
     FMAML_DATA_ROOT=<folder with omniglot/> uv run python benchmarks/mixed_precision.py train \\
-        --out benchmarks/results/mixed_precision --steps 300
+        --out benchmarks/results/mixed_precision --steps 300 --strategy vmap
 
 `gradient`: the meta-gradient of one synthetic Omniglot 5-way 5-shot meta-batch (bench_vs_higher.py's
-ConvNet and tasks, meta-batch 8, one inner step) under `torch.autocast(bfloat16)`, against the same in
-float32: relative error in norm and cosine, for the loop with memory "store" and "recompute" (vmap over
-the inner gradient fails under autocast in torch 2.15, so fmaml refuses it with a mixed precision).
+ConvNet and tasks, meta-batch 8, one inner step) in bf16 and fp16 by the engine's explicit casts
+(`meta_loss(compute_dtype=...)`, what `--trainer.precision=bf16-mixed` / `16-mixed` run), for each
+strategy and memory mode, against float32: relative error in norm, cosine, and the median seconds of a
+meta-gradient beside float32's. One more row per memory mode is what fmaml ran before the casts: the loop
+under `torch.autocast(bfloat16)` (vmap fails under autocast in this torch).
 
-`train`: two fits of configs/omniglot.yaml (real Omniglot 5-way 5-shot) of the same number of steps,
-float32 and `--trainer.precision=bf16-mixed`, at the same time, each pinned to its own core with one
-thread (or, with `--core N`, one after the other on core N), then each tested on the same 600 meta-test
-tasks (mean ± 95% CI, and the paired difference).
+`train`: two fits of configs/omniglot.yaml (real Omniglot 5-way 5-shot) of the same number of steps and
+strategy, float32 and `--trainer.precision=bf16-mixed`, at the same time, each pinned to its own core
+with one thread (or, with `--core N`, one after the other on core N), then each tested on the same 600
+meta-test tasks (mean ± 95% CI, and the paired difference).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import csv
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,43 +37,73 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def gradient(json_path: Path | None) -> None:
-    from bench_vs_higher import WORKLOADS, make_model, make_tasks
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def gradient(
+    json_path: Path | None, device: str, strategies: list[str], steps: int, meta_batch: int, repeats: int
+) -> None:
+    from bench_vs_higher import WORKLOADS, _sync, make_model, make_tasks
 
     from fmaml import meta_loss
 
     workload = WORKLOADS["omniglot5w5s"]
-    model = make_model(workload, "cpu", 0)
-    tasks = make_tasks(workload, 8, "cpu", 0)
+    model = make_model(workload, device, 0)
+    tasks = make_tasks(workload, meta_batch, device, 0)
 
-    def meta_gradient(memory: str, autocast: bool) -> torch.Tensor:
+    def meta_gradient(strategy: str, memory: str, compute_dtype=None, autocast: bool = False):
         params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
             value, _ = meta_loss(
-                params,
-                {},
-                tasks,
-                model=model,
-                loss="cross_entropy",
-                steps=1,
-                lr=0.4,
-                strategy="loop",
-                memory=memory,
-            )
+                params, {}, tasks, model=model, loss="cross_entropy", steps=steps, lr=0.4,
+                strategy=strategy, memory=memory, compute_dtype=compute_dtype, metrics_before=False,
+            )  # fmt: skip
         value.backward()
         return torch.cat([p.grad.flatten() for p in params.values()])
 
-    results = {}
-    for memory in ("store", "recompute"):
-        reference, low = meta_gradient(memory, False), meta_gradient(memory, True)
+    def agreement(low: torch.Tensor, reference: torch.Tensor) -> dict:
         error = ((low - reference).norm() / reference.norm()).item()
-        cosine = torch.nn.functional.cosine_similarity(low, reference, 0).item()
-        results[memory] = {"relative_error": error, "cosine": cosine}
+        return {
+            "relative_error": error,
+            "cosine": torch.nn.functional.cosine_similarity(low, reference, 0).item(),
+        }
+
+    def seconds(strategy: str, memory: str, compute_dtype=None) -> float:
+        """The median of `repeats` meta-gradients, after one untimed (warm-up)."""
+        times = []
+        for _ in range(repeats + 1):
+            _sync(device)
+            start = time.perf_counter()
+            meta_gradient(strategy, memory, compute_dtype)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    rows = []
+    for memory in ("store", "recompute"):
+        reference = meta_gradient("loop", memory)
+        # What fmaml did before explicit casts: the loop under torch.autocast (vmap fails under it).
+        row = {"strategy": "loop", "memory": memory, "precision": "bf16 autocast"}
+        rows.append(row | agreement(meta_gradient("loop", memory, autocast=True), reference))
+        for strategy in strategies:
+            float32_seconds = seconds(strategy, memory)
+            for name, dtype in DTYPES.items():
+                row = {"strategy": strategy, "memory": memory, "precision": name}
+                row |= agreement(meta_gradient(strategy, memory, dtype), reference)
+                row |= {"seconds": seconds(strategy, memory, dtype), "float32_seconds": float32_seconds}
+                rows.append(row)
+    for row in rows:
+        timing = (
+            f", {row['seconds']:.3f} s vs float32 {row['float32_seconds']:.3f} s" if "seconds" in row else ""
+        )
         print(
-            f"loop, {memory}: bf16-mixed vs float32 meta-gradient relative error {error:.3g}, cosine {cosine:.4f}"
+            f"{row['strategy']:>10} {row['memory']:>9} {row['precision']:>13}: relative error "
+            f"{row['relative_error']:.3g}, cosine {row['cosine']:.4f}{timing}"
         )
     if json_path:
-        json_path.write_text(json.dumps({"loop": results, "torch": torch.__version__}, indent=1) + "\n")
+        setup = {"device": device, "steps": steps, "meta_batch": meta_batch, "repeats": repeats}
+        record = {"rows": rows, "setup": setup, "torch": torch.__version__}
+        json_path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def accuracies(path: Path) -> list[float]:
@@ -81,12 +116,12 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def train(out: Path, steps: int, meta_batch: int, core: int | None) -> None:
+def train(out: Path, steps: int, meta_batch: int, core: int | None, strategy: str) -> None:
     if "FMAML_DATA_ROOT" not in os.environ:
         sys.exit("set FMAML_DATA_ROOT to the folder holding omniglot/ (the two official zips)")
     out.mkdir(parents=True, exist_ok=True)
     common = [
-        "--config", "configs/omniglot.yaml", "--model.strategy=loop", f"--trainer.max_steps={steps}",
+        "--config", "configs/omniglot.yaml", f"--model.strategy={strategy}", f"--trainer.max_steps={steps}",
         f"--data.meta_batch_size={meta_batch}", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={out / 'logs'}",
     ]  # fmt: skip
@@ -128,17 +163,23 @@ def main() -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     grad = sub.add_parser("gradient")
-    grad.add_argument("--json", type=Path, help="write the relative error and cosine per memory mode here")
+    grad.add_argument("--json", type=Path, help="write the relative error, cosine and seconds per row here")
+    grad.add_argument("--device", default="cpu")
+    grad.add_argument("--strategies", nargs="+", default=["loop", "vmap", "chunked:4"])
+    grad.add_argument("--steps", type=int, default=1, help="inner steps")
+    grad.add_argument("--meta-batch", type=int, default=8)
+    grad.add_argument("--repeats", type=int, default=3, help="timed meta-gradients per row (median)")
     training = sub.add_parser("train")
     training.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/mixed_precision")
     training.add_argument("--steps", type=int, default=300)
     training.add_argument("--meta-batch", type=int, default=8)
     training.add_argument("--core", type=int, help="run both on this core, one after the other")
+    training.add_argument("--strategy", default="vmap", help="model.strategy of both runs")
     args = parser.parse_args()
     if args.command == "gradient":
-        gradient(args.json)
+        gradient(args.json, args.device, args.strategies, args.steps, args.meta_batch, args.repeats)
     else:
-        train(args.out, args.steps, args.meta_batch, args.core)
+        train(args.out, args.steps, args.meta_batch, args.core, args.strategy)
 
 
 if __name__ == "__main__":

@@ -118,9 +118,9 @@ def check_compile(strategy: str, compile: bool) -> None:
         )
 
 
-def candidates(num_tasks: int, memories: tuple[str, ...], loop_only: bool = False) -> list[tuple[str, str]]:
+def candidates(num_tasks: int, memories: tuple[str, ...]) -> list[tuple[str, str]]:
     strategies = ["loop", "vmap", *(f"chunked:{n}" for n in CHUNK_SIZES if 1 < n < num_tasks)]
-    return [(s, m) for m in memories for s in strategies if s == "loop" or not loop_only]
+    return [(s, m) for m in memories for s in strategies]
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -246,15 +246,14 @@ def choose(
     memory_share: float = 0.5,
     cache: bool = True,
     refresh: bool = False,
-    loop_only: bool = False,
     **config,
 ) -> Choice:
     """Measure the candidates on this meta-batch (see the module docstring) and return the fastest that
     fits `memory_share` of the device's free memory. `config`: meta_loss's inner-loop arguments.
-    `refresh`: measure even where the cache holds a choice (which is then overwritten).
-    `loop_only`: under mixed precision, where vmap over the inner gradient fails (fmaml.cli)."""
+    `refresh`: measure even where the cache holds a choice (which is then overwritten). Mixed precision
+    (`config`'s compute_dtype) is measured as it runs, and is part of the cache key."""
     device = tasks["support"][0].device
-    key = _cache_key(params, tasks, model, memories, config | {"loop_only": loop_only}, device)
+    key = _cache_key(params, tasks, model, memories, config, device)
     budget = int(memory_share * free_memory_bytes(device))
     note = ""
     if cache and not refresh and (cached := _read_cache(key)) is not None:
@@ -262,7 +261,7 @@ def choose(
             cached.budget_bytes = budget  # it holds under the current budget: say that one
             return cached
     start = time.perf_counter()
-    rows = _measure(params, buffers, tasks, dict(config, model=model), memories, budget, loop_only)
+    rows = _measure(params, buffers, tasks, dict(config, model=model), memories, budget)
     fitting = [r for r in rows if r["seconds"] is not None]
     if not fitting:
         smallest = min(rows, key=lambda r: r["predicted_bytes"])
@@ -288,12 +287,12 @@ def choose(
     return choice
 
 
-def _measure(params, buffers, tasks, config, memories, budget, loop_only) -> list[dict]:
+def _measure(params, buffers, tasks, config, memories, budget) -> list[dict]:
     """Every candidate's row: predicted peak bytes, and the seconds of a full meta-gradient (None where it
     was not run: predicted over `budget`, or predicted too slow to win)."""
     device = tasks["support"][0].device
     rows, best = [], float("inf")
-    for strategy, memory in candidates(tasks["support"][0].shape[0], memories, loop_only):
+    for strategy, memory in candidates(tasks["support"][0].shape[0], memories):
         row = {"strategy": strategy, "memory": memory, "seconds": None, "skipped": ""}
         row["predicted_bytes"], estimate = probe(params, buffers, tasks, strategy, memory, config, device)
         if row["predicted_bytes"] > budget:

@@ -83,7 +83,6 @@ class MAMLCLI(LightningCLI):
         _put_logs_under_root_dir(config)
         if self.subcommand == "fit":
             _check_lr_schedule(config)
-        _check_precision(config)
         _check_gradient_clipping(config)
         warn_ignored_run_settings(self.subcommand, config)
         if self.subcommand in ("test", "validate") and config.get("ckpt_path") is None:
@@ -208,18 +207,6 @@ def _settings(init_args) -> str:
     items = dict(init_args).items() if init_args else ()
     shown = {k: v for k, v in items if k in ("in_channels", "image_size", "in_features", "input_shape")}
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults"
-
-
-def _check_precision(config) -> None:
-    """Mixed precision runs with the loop only: in torch 2.15, vmap over the inner gradient fails under
-    autocast ("expected scalar type BFloat16 but found Float" in the backward of the ConvNet)."""
-    precision, strategy = str(config.trainer.get("precision")), config.model.strategy
-    if "mixed" in precision and (strategy == "vmap" or strategy.startswith("chunked:")):
-        raise ValueError(
-            f"trainer.precision={precision} with model.strategy={strategy}: vmap over the inner gradient "
-            "fails under autocast in this torch; use --model.strategy=loop (or auto, which then measures "
-            "the loop only)"
-        )
 
 
 def _check_gradient_clipping(config) -> None:

@@ -96,6 +96,7 @@ def adapt(
     adapt_only: Collection[str] | None = None,
     inner_optimizer: InnerOptimizer = PLAIN_SGD,
     proximal: float = 0.0,
+    compute_dtype: torch.dtype | None = None,
 ) -> Params:
     """Adapt `params` to one task by `steps` steps of `inner_optimizer` (plain SGD) on its support set.
 
@@ -105,10 +106,11 @@ def adapt(
     the others come back unchanged. None adapts them all. `inner_optimizer`: see fmaml.inner_optimizers;
     its state starts fresh here, and `lr` (possibly learned tensors) is its rate. `proximal` (λ, iMAML):
     the inner problem is the support loss + λ/2 ||φ - params||², which keeps φ near the params.
+    `compute_dtype` (bf16/fp16 mixed precision): the network's forward runs in it, see `forward`.
     """
     inner = dict(
         model=model, loss=loss, steps=steps, lr=lr, first_order=first_order, adapt_only=adapt_only,
-        inner_optimizer=inner_optimizer, proximal=proximal,
+        inner_optimizer=inner_optimizer, proximal=proximal, compute_dtype=compute_dtype,
     )  # fmt: skip
     adapted = params
     for adapted in adapt_steps(params, buffers, support, **inner):  # noqa: B007 (only the last is wanted)
@@ -129,6 +131,7 @@ def adapt_steps(
     adapt_only: Collection[str] | None = None,
     inner_optimizer: InnerOptimizer = PLAIN_SGD,
     proximal: float = 0.0,
+    compute_dtype: torch.dtype | None = None,
 ) -> Iterator[Params]:
     """`adapt`, step by step: yields the params after each of the `steps` inner steps."""
     x, y = support
@@ -146,7 +149,7 @@ def adapt_steps(
     anchor = _detached(params)
 
     def support_loss(p: Params, step: int) -> Tensor:
-        value = loss_fn(forward(model, (p, *state), x, step), y)
+        value = loss_fn(forward(model, (p, *state), x, step, compute_dtype), y)
         if proximal:
             value = value + proximal / 2 * _dot(_minus(p, anchor), _minus(p, anchor))
         return value
@@ -158,12 +161,32 @@ def adapt_steps(
         yield adapted | frozen if frozen else adapted
 
 
-def forward(model: nn.Module, tensors: tuple[Params, ...], x: Tensor, inner_step: int) -> Tensor:
+def forward(
+    model: nn.Module,
+    tensors: tuple[Params, ...],
+    x: Tensor,
+    inner_step: int,
+    compute_dtype: torch.dtype | None = None,
+) -> Tensor:
     """model(x) with `tensors` (params, buffers) in place of its own. A model with per-step weights or
     statistics (MAML++'s per-step BatchNorm: `takes_inner_step = True`) is also told the inner step whose
-    weights to use: step i's support forward and the query forward after step i both use i (MAML++'s code)."""
+    weights to use: step i's support forward and the query forward after step i both use i (MAML++'s code).
+
+    compute_dtype (torch.bfloat16 or torch.float16): mixed precision by explicit casts, because autocast
+    fails inside vmap in this torch. The float tensors and x are cast to it for the forward (so its
+    backward, the inner gradient, runs in it too), and the output is cast back to x's dtype, so the loss
+    is taken in float32. The casts are differentiable: gradients reach the float32 params as float32, so
+    the inner updates, the meta-gradient and the weights stay in float32, as under autocast.
+    """
     kwargs = {"inner_step": inner_step} if getattr(model, "takes_inner_step", False) else {}
-    return functional_call(model, tensors, (x,), kwargs)
+    if compute_dtype is None:
+        return functional_call(model, tensors, (x,), kwargs)
+    low = tuple({name: _cast(t, compute_dtype) for name, t in d.items()} for d in tensors)
+    return functional_call(model, low, (_cast(x, compute_dtype),), kwargs).to(x.dtype)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
 
 
 def _minus(a: Params, b: Params) -> Params:
@@ -190,10 +213,17 @@ def _inner_steps(
 
 
 def _evaluate(
-    params: Params, buffers: Params, x: Tensor, y: Tensor, model: nn.Module, loss: LossName, inner_step: int
+    params: Params,
+    buffers: Params,
+    x: Tensor,
+    y: Tensor,
+    model: nn.Module,
+    loss: LossName,
+    inner_step: int,
+    compute_dtype: torch.dtype | None = None,
 ):
     """(loss, accuracy or None) of `params` on (x, y); `inner_step`: the step whose output these params are."""
-    out = forward(model, (params, buffers), x, inner_step)
+    out = forward(model, (params, buffers), x, inner_step, compute_dtype)
     value = LOSSES[loss](out, y)
     accuracy = (out.argmax(-1) == y).float().mean() if loss == "cross_entropy" else None
     return value, accuracy
@@ -214,6 +244,7 @@ def task_loss(
     adapt_only: Collection[str] | None = None,
     inner_optimizer: InnerOptimizer = PLAIN_SGD,
     proximal: float = 0.0,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Adapt on one task's support set, then evaluate on its query set.
 
@@ -226,23 +257,25 @@ def task_loss(
     """
     inner = dict(
         model=model, loss=loss, steps=steps, lr=lr, first_order=first_order, adapt_only=adapt_only,
-        inner_optimizer=inner_optimizer, proximal=proximal,
+        inner_optimizer=inner_optimizer, proximal=proximal, compute_dtype=compute_dtype,
     )  # fmt: skip
     query_x, query_y = task["query"]
     if step_weights is None:
         adapted = adapt(params, buffers, task["support"], **inner)
-        value, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss, steps - 1)
+        value, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss, steps - 1, compute_dtype)
         last = value
     else:
         value = 0.0
         every_step = enumerate(adapt_steps(params, buffers, task["support"], **inner))
         for weight, (i, adapted) in zip(step_weights, every_step, strict=True):
-            last, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss, i)
+            last, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss, i, compute_dtype)
             value = value + weight * last
     metrics = {"loss": last.detach()} | ({"accuracy": accuracy} if accuracy is not None else {})
     if metrics_before:
         with torch.no_grad():  # the "before" numbers are only reported, never differentiated
-            value_before, accuracy_before = _evaluate(params, buffers, query_x, query_y, model, loss, 0)
+            value_before, accuracy_before = _evaluate(
+                params, buffers, query_x, query_y, model, loss, 0, compute_dtype
+            )
         metrics["loss_before"] = value_before
         if accuracy_before is not None:
             metrics["accuracy_before"] = accuracy_before
@@ -299,6 +332,7 @@ def task_loss_and_grad_recompute(
     learned_rates: Sequence[Tensor] = (),
     with_rates: Callable | None = None,
     inner_optimizer: InnerOptimizer = PLAIN_SGD,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[tuple[Params, list[Tensor]], Tensor, dict]:
     """`task_loss_and_grad` in memory that does not grow with the inner steps: ((param grads, rate grads),
     query loss, metrics), the same values to rounding.
@@ -322,10 +356,10 @@ def task_loss_and_grad_recompute(
         return with_rates(rates) if learned_rates else lr
 
     def support_loss(p: Params, step: int) -> Tensor:
-        return loss_fn(forward(model, (p, buffers), x, step), y)
+        return loss_fn(forward(model, (p, buffers), x, step, compute_dtype), y)
 
     def query_loss(p: Params, step: int) -> Tensor:
-        return _evaluate(p, buffers, query_x, query_y, model, loss, step)[0]
+        return _evaluate(p, buffers, query_x, query_y, model, loss, step, compute_dtype)[0]
 
     # The last STORED_STEPS inner steps are not recomputed: their graphs are needed as soon as they are
     # built, so they run as `task_loss` does (stored) and the recursion starts from their gradient. Each
@@ -343,7 +377,7 @@ def task_loss_and_grad_recompute(
         )
         value = 0.0
         for i, (theta, _) in zip(range(start, steps), every_step, strict=True):
-            last, accuracy = _evaluate(theta, buffers, query_x, query_y, model, loss, i)
+            last, accuracy = _evaluate(theta, buffers, query_x, query_y, model, loss, i, compute_dtype)
             value = value + weights[i] * last
         metrics = {"loss": last.detach()} | ({"accuracy": accuracy} if accuracy is not None else {})
         return value, (value, metrics)
@@ -376,7 +410,9 @@ def task_loss_and_grad_recompute(
 
     metrics = {k: v.detach() for k, v in last_metrics.items()}
     if metrics_before:
-        value_before, accuracy_before = _evaluate(params, buffers, query_x, query_y, model, loss, 0)
+        value_before, accuracy_before = _evaluate(
+            params, buffers, query_x, query_y, model, loss, 0, compute_dtype
+        )
         metrics["loss_before"] = value_before.detach()
         if accuracy_before is not None:
             metrics["accuracy_before"] = accuracy_before
@@ -471,6 +507,7 @@ def meta_loss(
     memory: Literal["store", "recompute"] = "store",
     inner_optimizer: InnerOptimizer = PLAIN_SGD,
     meta_gradient=None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The MAML meta-objective over a meta-batch: the mean over tasks of the post-adaptation query loss.
 
@@ -493,6 +530,9 @@ def meta_loss(
             task, **config)` gives one task's meta-gradient without differentiating through the inner steps,
             run over the tasks by the same strategies; its `proximal` term is part of the inner problem
             (evaluation adapts with it too), and its `check` refuses the options it cannot honour.
+    compute_dtype: None (the params' dtype), or torch.bfloat16 / torch.float16 for mixed precision under
+            every strategy: each forward casts to it inside the per-task function (see `forward`), while
+            the inner updates, the meta-gradient and its mean over tasks stay in the params' float32.
     Under "loop" (and each chunk of "chunked:N") one task's (chunk's) meta-gradient is finished before the
     next starts, so memory grows with one task (chunk), not the meta-batch.
     Returns (loss, metrics): `loss` is a scalar; when grad is enabled and some param (or learned rate)
@@ -513,6 +553,7 @@ def meta_loss(
         adapt_only=adapt_only,
         memory=memory,
         inner_optimizer=inner_optimizer,
+        compute_dtype=compute_dtype,
     )
     if meta_gradient is not None:
         meta_gradient.check(
@@ -531,6 +572,7 @@ def meta_loss(
         step_weights=step_weights,
         adapt_only=adapt_only,
         inner_optimizer=inner_optimizer,
+        compute_dtype=compute_dtype,
     ) | ({"proximal": meta_gradient.proximal} if meta_gradient is not None else {})
     names = [name for name, p in params.items() if p.requires_grad]
     learned, with_rates = _learned_rates(lr) if torch.is_grad_enabled() else ([], None)
@@ -685,9 +727,11 @@ def check_arguments(
     adapt_only=None,
     memory="store",
     inner_optimizer=PLAIN_SGD,
+    compute_dtype=None,
 ) -> None:
     """Raise a ValueError that names the argument, its value and the fix, before any work starts."""
     check_steps(steps)
+    check_compute_dtype(compute_dtype)
     if not isinstance(inner_optimizer, InnerOptimizer):
         raise ValueError(
             f"inner_optimizer={inner_optimizer!r}: give one of fmaml.inner_optimizers' (e.g. SGD())"
@@ -716,6 +760,17 @@ def check_arguments(
                 f"model has {module} tracking running stats in train mode, which adaptation would update "
                 "in place: build it with track_running_stats=False (MAML uses batch statistics)"
             )
+
+
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def check_compute_dtype(compute_dtype, name: str = "compute_dtype") -> None:
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"{name}={compute_dtype!r}: mixed precision computes in torch.bfloat16 or torch.float16; "
+            "give one of them, or None to compute in the params' dtype"
+        )
 
 
 def check_rates(lr: InnerLR, steps: int, adapted: set[str]) -> None:

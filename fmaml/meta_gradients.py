@@ -65,12 +65,12 @@ class MetaGradient:
             if is_set:
                 raise ValueError(f"{prefix}meta_gradient={self!r} with {setting}: {fix}")
 
-    def _query(self, phi: Params, buffers: Params, task: Tasks, model, loss: str, steps: int):
+    def _query(self, phi: Params, buffers: Params, task: Tasks, model, loss: str, steps: int, compute_dtype):
         """(∇L_q(φ), L_q(φ), metrics after adaptation)."""
         query_x, query_y = task["query"]
 
         def query_loss(p: Params):
-            value, accuracy = _evaluate(p, buffers, query_x, query_y, model, loss, steps - 1)
+            value, accuracy = _evaluate(p, buffers, query_x, query_y, model, loss, steps - 1, compute_dtype)
             metrics = {"loss": value.detach()} | ({"accuracy": accuracy} if accuracy is not None else {})
             return value, metrics
 
@@ -78,14 +78,20 @@ class MetaGradient:
         return query_grad, value.detach(), metrics
 
 
-def _metrics_before(params: Params, buffers: Params, task: Tasks, model, loss: str) -> dict[str, Tensor]:
-    value, accuracy = _evaluate(params, buffers, *task["query"], model, loss, 0)
+def _metrics_before(params: Params, buffers: Params, task: Tasks, config: dict) -> dict[str, Tensor]:
+    value, accuracy = _evaluate(
+        params, buffers, *task["query"], config["model"], config["loss"], 0, config.get("compute_dtype")
+    )
     return {"loss_before": value.detach()} | ({"accuracy_before": accuracy} if accuracy is not None else {})
 
 
 def _adapted(params: Params, buffers: Params, task: Tasks, proximal: float, config: dict) -> Params:
     """φ: the inner loop from detached params (no graph: neither method differentiates through it)."""
-    inner = {k: config[k] for k in ("model", "loss", "steps", "lr", "inner_optimizer")}
+    inner = {
+        k: config[k]
+        for k in ("model", "loss", "steps", "lr", "inner_optimizer", "compute_dtype")
+        if k in config
+    }
     detached = {name: p.detach() for name, p in params.items()}
     return adapt(detached, buffers, task["support"], first_order=True, proximal=proximal, **inner)
 
@@ -132,14 +138,16 @@ class Implicit(MetaGradient):
     def task_loss_and_grad(self, params: Params, buffers: Params, task: Tasks, **config):
         """One task's implicit meta-gradient: (grads, query loss, metrics)."""
         model, loss, steps = config["model"], config["loss"], config["steps"]
+        compute_dtype = config.get("compute_dtype")
         phi = _adapted(params, buffers, task, self.lam, config)
-        query_grad, value, metrics = self._query(phi, buffers, task, model, loss, steps)
+        query_grad, value, metrics = self._query(phi, buffers, task, model, loss, steps, compute_dtype)
         support_x, support_y = task["support"]
 
+        def support_loss(q: Params) -> Tensor:
+            return LOSSES[loss](forward(model, (q, buffers), support_x, steps - 1, compute_dtype), support_y)
+
         def support_grad(p: Params) -> Params:
-            return grad(
-                lambda q: LOSSES[loss](forward(model, (q, buffers), support_x, steps - 1), support_y)
-            )(p)
+            return grad(support_loss)(p)
 
         def hessian_vector(v: Params) -> Params:
             # Reverse over reverse: exact under vmap through batch_norm (see fmaml.maml).
@@ -152,7 +160,7 @@ class Implicit(MetaGradient):
             self.cg_tol,
         )
         if config.get("metrics_before", True):
-            metrics |= _metrics_before(params, buffers, task, model, loss)
+            metrics |= _metrics_before(params, buffers, task, config)
         return grads, value, metrics
 
 
@@ -202,12 +210,17 @@ class Reptile(MetaGradient):
 
     def task_loss_and_grad(self, params: Params, buffers: Params, task: Tasks, **config):
         """One task's Reptile direction θ - φ: (grads, query loss after adaptation, metrics)."""
-        model, loss = config["model"], config["loss"]
         phi = _adapted(params, buffers, task, 0.0, config)
-        query_x, query_y = task["query"]
+        query = (
+            *task["query"],
+            config["model"],
+            config["loss"],
+            config["steps"] - 1,
+            config.get("compute_dtype"),
+        )
         with torch.no_grad():
-            value, accuracy = _evaluate(phi, buffers, query_x, query_y, model, loss, config["steps"] - 1)
+            value, accuracy = _evaluate(phi, buffers, *query)
         metrics = {"loss": value} | ({"accuracy": accuracy} if accuracy is not None else {})
         if config.get("metrics_before", True):
-            metrics |= _metrics_before(params, buffers, task, model, loss)
+            metrics |= _metrics_before(params, buffers, task, config)
         return {name: params[name] - phi[name] for name in params}, value, metrics

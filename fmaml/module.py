@@ -44,6 +44,8 @@ from fmaml.settings_check import warn_ignored_model_settings
 
 # The paper's inner loop, SGD at 0.4 (Omniglot); lazy, so that LightningCLI shows it as a class_path.
 PAPER_INNER_OPTIMIZER = lazy_instance(SGD, lr=0.4)
+# Lightning's mixed precisions, run by the engine as explicit casts (fmaml.maml.forward's compute_dtype).
+MIXED_PRECISION = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 class MAML(L.LightningModule):
@@ -264,10 +266,7 @@ class MAML(L.LightningModule):
         if self.auto_choice is not None:
             return {"strategy": self.auto_choice["strategy"], "memory": self.auto_choice["memory"]}
         memory = "store" if self.memory == "auto" else self.memory
-        strategy = self.strategy
-        if strategy == "auto" and "mixed" in str(self._precision()):
-            strategy = "loop"  # vmap over the inner gradient fails under autocast (fmaml.cli)
-        return {"strategy": strategy} | ({"memory": memory} if memory != "store" else {})
+        return {"strategy": self.strategy} | ({"memory": memory} if memory != "store" else {})
 
     def _auto_memories(self) -> tuple[str, ...]:
         if self.adapt_only is not None or self.train_inner["meta_gradient"] is not None:
@@ -276,6 +275,16 @@ class MAML(L.LightningModule):
 
     def _precision(self) -> str | None:
         return str(self.trainer.precision) if self._trainer is not None else None
+
+    def _mixed_precision(self) -> dict:
+        """Lightning's bf16-mixed / 16-mixed as the engine's explicit casts (`compute_dtype`, for every
+        strategy); Lightning's autocast is switched off around the engine (`_no_autocast`), as it fails
+        inside vmap in this torch."""
+        dtype = MIXED_PRECISION.get(self._precision())
+        return {} if dtype is None else {"compute_dtype": dtype}
+
+    def _no_autocast(self):
+        return torch.autocast(self.device.type, enabled=False)
 
     def _auto_print(self, text: str) -> None:
         if self._trainer is None or self.trainer.is_global_zero:
@@ -343,7 +352,6 @@ class MAML(L.LightningModule):
             memories=self._auto_memories(),
             memory_share=self.auto_memory_share,
             refresh=refresh,
-            loop_only="mixed" in str(self._precision()),
             **inner,
         )
         self._auto_print(choice.summary())
@@ -399,7 +407,7 @@ class MAML(L.LightningModule):
 
     def _train_inner(self) -> dict:
         """This meta-step's inner-loop settings: the fixed ones, plus the options that depend on the step."""
-        inner, step = self.train_inner, self.global_step
+        inner, step = self.train_inner | self._mixed_precision(), self.global_step
         if self.inner_lrs is not None:
             inner = inner | {"lr": self._learned_lr(inner["steps"])}
         if self.second_order_from_step is not None:
@@ -418,14 +426,15 @@ class MAML(L.LightningModule):
         # (about a sixth of a ConvNet meta-step), are only computed then. The progress bar updates then too.
         logs = self._logs_this_step()
         inner = self._train_inner()
-        if self.strategy == "auto":
-            self._auto_prepare(tasks, inner)
-        value, metrics = self._meta_loss(
-            tasks, dict(self.network.named_parameters()), metrics_before=logs, **inner
-        )
-        # MAML++'s per-step running statistics (a no-op without them): those of the inner trajectories this
-        # meta-step used, so before the update; outside the meta-gradient's computation.
-        update_running_statistics(self.network, tasks, strategy=self._execution()["strategy"], **inner)
+        with self._no_autocast():
+            if self.strategy == "auto":
+                self._auto_prepare(tasks, inner)
+            value, metrics = self._meta_loss(
+                tasks, dict(self.network.named_parameters()), metrics_before=logs, **inner
+            )
+            # MAML++'s per-step running statistics (a no-op without them): those of the inner trajectories
+            # this meta-step used, so before the update; outside the meta-gradient's computation.
+            update_running_statistics(self.network, tasks, strategy=self._execution()["strategy"], **inner)
         if self._defers_finite_check(value):
             self._guarded_update(optimizer, value)
         else:
@@ -517,10 +526,10 @@ class MAML(L.LightningModule):
         # Detached params: evaluation adapts (inner gradients) but needs no meta-gradient. Grad mode is
         # switched on anyway, so that no adaptation can silently turn into a no-op under no_grad.
         params = {name: p.detach() for name, p in self.network.named_parameters()}
-        inner = self.eval_inner
+        inner = self.eval_inner | self._mixed_precision()
         if self.inner_lrs is not None:
             inner = inner | {"lr": self._learned_lr(inner["steps"], detach=True)}
-        with torch.enable_grad():
+        with torch.enable_grad(), self._no_autocast():
             _, metrics = self._meta_loss(tasks, params, **inner)
         return metrics
 

@@ -89,7 +89,7 @@ def _input_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _forward_statistics(
-    model: nn.Module, names: Collection[str], tensors, x: Tensor, step: int
+    model: nn.Module, names: Collection[str], tensors, x: Tensor, step: int, compute_dtype=None
 ) -> Statistics:
     """The statistics of each named layer's input in one forward of the model at inner step `step`."""
     modules = dict(model.named_modules())
@@ -103,7 +103,7 @@ def _forward_statistics(
 
     handles = [modules[name].register_forward_pre_hook(recorder(name)) for name in names]
     try:
-        forward(model, tensors, x, step)
+        forward(model, tensors, x, step, compute_dtype)
     finally:
         for handle in handles:
             handle.remove()
@@ -121,6 +121,7 @@ def task_statistics(
     adapt_only: Collection[str] | None = None,
     inner_optimizer: InnerOptimizer = PLAIN_SGD,
     proximal: float = 0.0,
+    compute_dtype: torch.dtype | None = None,
 ) -> Statistics:
     """One task's statistics of each running-statistics layer's input (statistics_layers) in the support
     forward of inner step i at θ_i, for i = 0 .. steps - 1: {name: (mean [steps, C], var [steps, C])}.
@@ -128,12 +129,12 @@ def task_statistics(
     names = list(statistics_layers(model))
     inner = dict(
         model=model, steps=steps, lr=lr, first_order=True, adapt_only=adapt_only,
-        inner_optimizer=inner_optimizer, proximal=proximal,
+        inner_optimizer=inner_optimizer, proximal=proximal, compute_dtype=compute_dtype,
     )  # fmt: skip
     later = itertools.islice(adapt_steps(params, buffers, task["support"], **inner), steps - 1)
     x = task["support"][0]
     per_step = [
-        _forward_statistics(model, names, (theta, buffers), x, i)
+        _forward_statistics(model, names, (theta, buffers), x, i, compute_dtype)
         for i, theta in enumerate(itertools.chain([params], later))
     ]
     return {
@@ -170,6 +171,7 @@ def update_running_statistics(
     first_order: bool = False,
     step_weights=None,
     meta_gradient=None,
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
     """Fold a meta-batch's per-step statistics (`task_statistics` of every task, by `strategy`) into the
     model's running-statistics buffers, in task order. Call it with the params the meta-step used (before
@@ -181,7 +183,7 @@ def update_running_statistics(
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     inner = dict(
         model=model, steps=steps, lr=lr, adapt_only=adapt_only, inner_optimizer=inner_optimizer,
-        proximal=meta_gradient.proximal if meta_gradient is not None else 0.0,
+        proximal=meta_gradient.proximal if meta_gradient is not None else 0.0, compute_dtype=compute_dtype,
     )  # fmt: skip
     strategy = resolve_strategy(strategy, model, tasks["support"][0].device)
     statistics = _over_tasks(

@@ -88,15 +88,3 @@ def test_a_resumed_fit_keeps_the_checkpoints_choice(tmp_path, monkeypatch):
     monkeypatch.setattr(MAML, "_choose_strategy", no_measuring)
     resumed = main([*fit, "--trainer.max_steps=4", "--ckpt_path=last"])
     assert resumed.trainer.global_step == 4 and resumed.model.auto_choice == chosen
-
-
-def test_mixed_precision_runs_the_loop_and_refuses_vmap(tmp_path, monkeypatch):
-    """Under autocast, vmap over the ConvNet's inner gradient fails in torch 2.15: refused at start-up,
-    and auto measures the loop only."""
-    monkeypatch.chdir(tmp_path)
-    fit = ["fit", "--config", config("sinusoid.yaml"), "--trainer.limit_val_batches=0", *TINY]
-    with pytest.raises(ValueError, match=r"trainer\.precision=bf16-mixed with model\.strategy=vmap"):
-        main([*fit, "--trainer.precision=bf16-mixed", "--model.strategy=vmap"])
-    cli = main([*fit, "--trainer.precision=bf16-mixed", "--trainer.max_steps=2"])
-    assert cli.model.auto_choice["strategy"] == "loop" and cli.trainer.global_step == 2
-    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
