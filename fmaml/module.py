@@ -444,7 +444,6 @@ class MAML(L.LightningModule):
                     f"updating on it. {self._nonfinite_hint()}"
                 )
             self.manual_backward(value)
-            _clip_meta_gradient(optimizer, **self.meta_grad_clip)
             optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -456,6 +455,11 @@ class MAML(L.LightningModule):
                 rates = torch.cat([rate.detach().flatten() for rate in self.inner_lrs.values()])
                 self.log("train/inner_lr_mean", rates.mean())
         return value
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Inside the meta-optimizer's step, after Lightning has taken 16-mixed's loss scale off the
+        # gradients: so the bound applies to the true meta-gradient, under every precision.
+        _clip_meta_gradient(optimizer, **self.meta_grad_clip)
 
     def _nonfinite_hint(self) -> str:
         return f"Lower model.inner_optimizer's lr (now {self.inner_optimizer.lr}) or the meta learning rate."
@@ -475,7 +479,6 @@ class MAML(L.LightningModule):
         keep = healthy & finite
         self._first_nonfinite_step = torch.where(healthy & ~finite, step, self._first_nonfinite_step)
         self.manual_backward(value)
-        _clip_meta_gradient(optimizer, **self.meta_grad_clip)
         before = {id(t): t.detach().clone() for t in _update_tensors(optimizer, keep.device)}
         optimizer.step()
         with torch.no_grad():

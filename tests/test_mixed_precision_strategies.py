@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fixtures import config
+from lightning.pytorch.plugins.precision import MixedPrecision
 
-from fmaml import meta_loss
+from fmaml import meta_loss, module
 from fmaml.cli import main
 from fmaml.meta_gradients import Implicit
 from fmaml.models import MLP, ConvNet
@@ -209,3 +210,28 @@ def test_auto_measures_bf16_candidates(tmp_path, monkeypatch):
     assert cli.model.auto_choice["precision"] == "bf16-mixed"
     assert {dtype for _, dtype in measured} == {torch.bfloat16}
     assert {"loop", "vmap", "chunked:2"} <= {strategy for strategy, _ in measured}
+
+
+def test_16_mixed_clips_the_true_meta_gradient_not_the_scaled_one(tmp_path, monkeypatch):
+    """Under 16-mixed the meta-gradient carries Lightning's loss scale (65536) until the meta-optimizer's
+    step unscales it: clipping must bound the true one, so one SGD(lr=1) step moves the weights by exactly
+    the clip norm (clipping the scaled one would move them 65536x less)."""
+    monkeypatch.chdir(tmp_path)
+    clip, moved = 1e-2, []
+    original = module._clip_meta_gradient
+
+    def recording(optimizer, *args, **kwargs):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        moved.append((params, [p.detach().clone() for p in params]))
+        return original(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(module, "_clip_meta_gradient", recording)
+    sgd = ["--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1.0", "--model.strategy=vmap"]
+    fit = ["fit", "--config", config("sinusoid.yaml"), *TINY, "--trainer.max_steps=1", *sgd]
+    # On CPU, --trainer.precision=16-mixed falls back to bf16-mixed: the plugin itself brings the scaler.
+    plugin = [f"--trainer.plugins={MixedPrecision.__module__}.MixedPrecision", "--trainer.plugins.device=cpu"]
+    cli = main([*fit, *plugin, "--trainer.plugins.precision=16-mixed", f"--model.meta_grad_clip_norm={clip}"])
+    assert cli.trainer.precision == "16-mixed" and cli.trainer.precision_plugin.scaler is not None
+    ((params, before),) = moved
+    change = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before, strict=True)])
+    assert change.norm().item() == pytest.approx(clip, rel=1e-3)
