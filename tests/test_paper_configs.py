@@ -87,7 +87,9 @@ class _Recorder(L.Callback):
         before = {n: p.detach().clone() for n, p in module.named_parameters()}
         self.steps.append({"batch": batch, "before": before})
 
-    def on_before_optimizer_step(self, trainer, module, optimizer):
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        # After the step: the gradient as the optimizer got it (clipped in the module's own
+        # on_before_optimizer_step, which runs after the callbacks' hooks of that name).
         self.steps[-1]["grads"] = {n: p.grad.clone() for n, p in module.named_parameters()}
 
 
