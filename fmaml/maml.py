@@ -22,8 +22,9 @@ backward, pytorch/functorch#534; see ../shared/repros/vmap_batchnorm_double_back
 `vmap(grad(grad(f)))` is exact. So `meta_loss` computes each task's exact meta-gradient with
 `torch.func.grad` inside the vectorised function and hands it to autograd through a small
 `autograd.Function`: callers still write `meta_loss(...)[0].backward()`, and the result is exact under
-every strategy, for any model. (The loop strategy, which has no vmap, lets autograd differentiate the
-loop directly: the same per-task function, one backward pass.)
+every strategy, for any model. `meta_loss` is three parts: the per-task meta-gradient
+(`_per_task_meta_gradient`: stored, recomputed, or a `meta_gradient`), a strategy that maps it over the
+tasks (`_over_tasks`: vmap, chunks, or a loop), and one reduction, their mean (`_mean_over_tasks`).
 
 The inner loop is an optimizer of fmaml.inner_optimizers, pure `init`/`update` functions over dicts of
 tensors (plain SGD by default, exactly θ - lr * g): SGD with momentum, Adam, RMSprop, ... run through the
@@ -54,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fmaml.inner_optimizers import SGD, InnerLR, InnerOptimizer, State
 
@@ -212,6 +213,27 @@ def _inner_steps(
         yield params, state
 
 
+def _reported(value: Tensor, accuracy: Tensor | None, suffix: str = "") -> dict[str, Tensor]:
+    """The metrics of a query evaluation: its loss (detached: only reported) and accuracy, if any."""
+    return {"loss" + suffix: value.detach()} | (
+        {"accuracy" + suffix: accuracy} if accuracy is not None else {}
+    )
+
+
+def metrics_before_adapting(
+    params: Params,
+    buffers: Params,
+    query: tuple[Tensor, Tensor],
+    model: nn.Module,
+    loss: LossName,
+    compute_dtype,
+) -> dict[str, Tensor]:
+    """loss_before (and accuracy_before): the query numbers of the unadapted params, one more query forward.
+    Only reported, never differentiated."""
+    with torch.no_grad():
+        return _reported(*_evaluate(params, buffers, *query, model, loss, 0, compute_dtype), suffix="_before")
+
+
 def _evaluate(
     params: Params,
     buffers: Params,
@@ -270,15 +292,9 @@ def task_loss(
         for weight, (i, adapted) in zip(step_weights, every_step, strict=True):
             last, accuracy = _evaluate(adapted, buffers, query_x, query_y, model, loss, i, compute_dtype)
             value = value + weight * last
-    metrics = {"loss": last.detach()} | ({"accuracy": accuracy} if accuracy is not None else {})
+    metrics = _reported(last, accuracy)
     if metrics_before:
-        with torch.no_grad():  # the "before" numbers are only reported, never differentiated
-            value_before, accuracy_before = _evaluate(
-                params, buffers, query_x, query_y, model, loss, 0, compute_dtype
-            )
-        metrics["loss_before"] = value_before
-        if accuracy_before is not None:
-            metrics["accuracy_before"] = accuracy_before
+        metrics |= metrics_before_adapting(params, buffers, task["query"], model, loss, compute_dtype)
     return value, metrics
 
 
@@ -341,82 +357,89 @@ def task_loss_and_grad_recompute(
     backwards over the steps, each recomputed alone (../shared/DESIGN.md, "Bounded memory"). With the step
     z_{i+1} = Φ_i(z_i, α) = update(∇L_s(θ_i), s_i, θ_i, α, i) and J = Σ_i w_i L_q(θ_i):
         ā = (w_k ∇L_q(θ_k), 0);  for i = k-1 .. 0:  dJ/dα += (∂Φ_i/∂α)ᵀ ā;  ā <- (∂Φ_i/∂z_i)ᵀ ā + (w_i ∇L_q(θ_i), 0)
-    and dJ/dθ_0 = ā's θ part. Each adjoint step is the gradient of (z, α) -> <Φ_i(z, α), ā>: for plain SGD,
-    ā - H_s(θ_i)(α ⊙ ā) and -ā ⊙ g_i. It is reverse over reverse (through ∇L_s inside Φ), exact under vmap
-    through batch_norm, where forward-over-reverse is not. First order takes ∇L_s at detached θ inside Φ.
-    learned_rates / with_rates: the learned tensors of `lr` and the function that rebuilds `lr` from them
-    (`_learned_rates`); their gradient comes out as the second element.
+    and dJ/dθ_0 = ā's θ part (`_adjoint_step`; the last steps start it, `_stored_steps_adjoint`).
+    learned_rates, with_rates: `_learned_rates(lr)`'s; the rates' gradient is the second element.
     """
-    x, y = task["support"]
-    query_x, query_y = task["query"]
-    loss_fn = LOSSES[loss]
+    (x, y), query = task["support"], task["query"]
     rates = list(learned_rates)
 
-    def rate(rates: list[Tensor]) -> InnerLR:
-        return with_rates(rates) if learned_rates else lr
-
     def support_loss(p: Params, step: int) -> Tensor:
-        return loss_fn(forward(model, (p, buffers), x, step, compute_dtype), y)
+        return LOSSES[loss](forward(model, (p, buffers), x, step, compute_dtype), y)
 
-    def query_loss(p: Params, step: int) -> Tensor:
-        return _evaluate(p, buffers, query_x, query_y, model, loss, step, compute_dtype)[0]
+    def query_loss(p: Params, step: int) -> tuple[Tensor, Tensor | None]:
+        return _evaluate(p, buffers, *query, model, loss, step, compute_dtype)
 
-    # The last STORED_STEPS inner steps are not recomputed: their graphs are needed as soon as they are
-    # built, so they run as `task_loss` does (stored) and the recursion starts from their gradient. Each
-    # saves one support forward and backward; memory stays flat in the steps (those steps' graphs only).
-    start = max(steps - STORED_STEPS, 0)
+    phi = _step_function(
+        support_loss, with_rates if learned_rates else (lambda _: lr), inner_optimizer, first_order
+    )
+    start = max(steps - STORED_STEPS, 0)  # the last STORED_STEPS steps are not recomputed
     weights = [0.0] * (steps - 1) + [1.0] if step_weights is None else list(step_weights)
-
-    # Forward: only the iterates up to z_start, without any graph (support gradients are recomputed later).
-    iterates = [(params, inner_optimizer.init(params))]
-    iterates += _inner_steps(support_loss, *iterates[0], rate(rates), range(start), inner_optimizer, False)
-
-    def stored_steps_loss(theta: Params, state: State, rates: list[Tensor]):
-        every_step = _inner_steps(
-            support_loss, theta, state, rate(rates), range(start, steps), inner_optimizer, first_order
-        )
-        value = 0.0
-        for i, (theta, _) in zip(range(start, steps), every_step, strict=True):
-            last, accuracy = _evaluate(theta, buffers, query_x, query_y, model, loss, i, compute_dtype)
-            value = value + weights[i] * last
-        metrics = {"loss": last.detach()} | ({"accuracy": accuracy} if accuracy is not None else {})
-        return value, (value, metrics)
-
-    (a_theta, a_state, rate_grads), (value, last_metrics) = grad(
-        stored_steps_loss, argnums=(0, 1, 2), has_aux=True
-    )(*iterates[start], rates)
-    value, rate_grads = value.detach(), list(rate_grads)
-
-    def step_dot(theta: Params, state: State, rates: list[Tensor], i: int, a_theta: Params, a_state: State):
-        # <Φ_i(z, α), ā>: its gradient is one adjoint step (and this step's share of dJ/dα).
-        step = _inner_steps(
-            support_loss, theta, state, rate(rates), range(i, i + 1), inner_optimizer, first_order
-        )
-        new_theta, new_state = next(step)
-        return _dot(new_theta, a_theta) + _dot(new_state, a_state)
-
+    iterates = [(params, inner_optimizer.init(params))]  # z_0 .. z_start, without any graph
+    for i in range(start):
+        iterates.append(phi(*iterates[i], rates, i))
+    adjoint, rate_grads, value, metrics = _stored_steps_adjoint(
+        phi, query_loss, weights, iterates[start], rates, range(start, steps)
+    )
     for i in reversed(range(start)):
         # Here ā = dJ/dz_{i+1} from the later terms: add θ_{i+1}'s own query term, then step back to z_i.
         theta_next, _ = iterates.pop()  # no longer needed after this
         if weights[i] != 0:
-            query_grad, value_i = grad_and_value(query_loss)(theta_next, i)
+            query_grad, value_i = grad_and_value(lambda p, i=i: query_loss(p, i)[0])(theta_next)
             value = value + weights[i] * value_i.detach()
-            a_theta = {n: a_theta[n] + weights[i] * query_grad[n] for n in a_theta}
+            adjoint = ({n: a + weights[i] * query_grad[n] for n, a in adjoint[0].items()}, adjoint[1])
         del theta_next
-        a_theta, a_state, step_rate_grads = grad(step_dot, argnums=(0, 1, 2))(
-            *iterates[i], rates, i, a_theta, a_state
-        )
+        *adjoint, step_rate_grads = _adjoint_step(phi, iterates[i], rates, i, adjoint)
         rate_grads = [total + r for total, r in zip(rate_grads, step_rate_grads, strict=True)]
-
-    metrics = {k: v.detach() for k, v in last_metrics.items()}
     if metrics_before:
-        value_before, accuracy_before = _evaluate(
-            params, buffers, query_x, query_y, model, loss, 0, compute_dtype
+        metrics |= metrics_before_adapting(params, buffers, query, model, loss, compute_dtype)
+    return (adjoint[0], rate_grads), value, metrics
+
+
+def _step_function(
+    support_loss: Callable, rate: Callable, inner_optimizer: InnerOptimizer, first_order: bool
+):
+    """Φ_i(θ, s, α) -> (θ', s'): inner step i from params θ and optimizer state s, `rate(α)` its `lr`."""
+
+    def phi(theta: Params, state: State, rates: list[Tensor], i: int) -> tuple[Params, State]:
+        every_step = _inner_steps(
+            support_loss, theta, state, rate(rates), range(i, i + 1), inner_optimizer, first_order
         )
-        metrics["loss_before"] = value_before.detach()
-        if accuracy_before is not None:
-            metrics["accuracy_before"] = accuracy_before
-    return (a_theta, rate_grads), value, metrics
+        return next(every_step)
+
+    return phi
+
+
+def _stored_steps_adjoint(phi: Callable, query_loss: Callable, weights, z, rates: list[Tensor], steps: range):
+    """The last inner steps `steps` from z = (θ, s), run with their graphs (their gradients are needed as
+    soon as they are built, so recomputing them would only cost time): (ā = dJ/dz of their query terms,
+    their share of dJ/dα, their share of J, the last step's metrics)."""
+
+    def loss_of(theta: Params, state: State, rates: list[Tensor]):
+        value = 0.0
+        for i in steps:
+            theta, state = phi(theta, state, rates, i)
+            last, accuracy = query_loss(theta, i)
+            value = value + weights[i] * last
+        return value, (value, _reported(last, accuracy))
+
+    (a_theta, a_state, rate_grads), (value, metrics) = grad(loss_of, argnums=(0, 1, 2), has_aux=True)(
+        *z, rates
+    )
+    return (a_theta, a_state), list(rate_grads), value.detach(), metrics
+
+
+def _adjoint_step(
+    phi: Callable, z, rates: list[Tensor], i: int, adjoint
+) -> tuple[Params, State, list[Tensor]]:
+    """One step back from ā = dJ/dz_{i+1}: ((∂Φ_i/∂z_i)ᵀ ā, this step's (∂Φ_i/∂α)ᵀ ā), the gradient of
+    (z, α) -> <Φ_i(z, α), ā>. Reverse over reverse (through ∇L_s inside Φ): exact under vmap through
+    batch_norm, where forward-over-reverse is not. For plain SGD: ā - H_s(θ_i)(α ⊙ ā) and -ā ⊙ g_i."""
+
+    def step_dot(theta: Params, state: State, rates: list[Tensor]) -> Tensor:
+        new_theta, new_state = phi(theta, state, rates, i)
+        return _dot(new_theta, adjoint[0]) + _dot(new_state, adjoint[1])
+
+    return grad(step_dot, argnums=(0, 1, 2))(*z, rates)
 
 
 def _dot(a, b) -> Tensor:
@@ -445,7 +468,7 @@ def _over_tasks(fn: Callable, params: Params | tuple, buffers: Params, tasks: Ta
 
 def _stacked(per_task: list):
     """Per-task outputs (same structure) -> one structure of tensors stacked along a new task dim."""
-    return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *per_task)
+    return tree_map(lambda *xs: torch.stack(xs), *per_task)
 
 
 def _select(tasks: Tasks, i: int) -> Tasks:
@@ -513,138 +536,87 @@ def meta_loss(
 
     tasks: {"support": (x, y), "query": (x, y)}, x [tasks, ways*shots, C, H, W], y [tasks, ways*shots]
            (regression: x [tasks, K, in], y [tasks, K, out]).
-    strategy: how the same per-task function runs over the tasks: "vmap" (torch.func.vmap, all at once),
-              "loop" (a Python loop), "chunked:N" (vmap over N tasks at a time, to bound memory), or
-              "auto" (see `resolve_strategy`). All give the same loss and meta-gradient.
-    lr: see `InnerLR`; its tensors that require grad are learned inner rates (Meta-SGD, MAML++ LSLR).
-    inner_optimizer: the inner loop's update rule (fmaml.inner_optimizers: SGD with momentum, Adam, RMSprop,
-              ...), its state fresh for every task, `lr` its rate; plain SGD by default.
-    step_weights [steps]: the multi-step loss (MAML++ MSL, see `msl_weights`); None: the last step's only.
-    adapt_only: the names of the params the inner loop adapts (ANIL); None: all of them.
-    memory: "store" keeps every inner step's graph for the meta-gradient (memory grows with the steps);
-            "recompute" keeps only the inner iterates and recomputes one step at a time on the way back
-            (`task_loss_and_grad_recompute`): the same exact meta-gradient, memory flat in the steps, for
-            about one more inner forward and backward per step. Not with `adapt_only` (yet).
-    meta_gradient: None is MAML's, differentiated through the inner loop. Otherwise an object of
-            fmaml.meta_gradients (`Implicit`: iMAML; `Reptile`) whose `task_loss_and_grad(params, buffers,
-            task, **config)` gives one task's meta-gradient without differentiating through the inner steps,
-            run over the tasks by the same strategies; its `proximal` term is part of the inner problem
-            (evaluation adapts with it too), and its `check` refuses the options it cannot honour.
-    compute_dtype: None (the params' dtype), or torch.bfloat16 / torch.float16 for mixed precision under
-            every strategy: each forward casts to it inside the per-task function (see `forward`), while
-            the inner updates, the meta-gradient and its mean over tasks stay in the params' float32.
-    Under "loop" (and each chunk of "chunked:N") one task's (chunk's) meta-gradient is finished before the
-    next starts, so memory grows with one task (chunk), not the meta-batch.
-    Returns (loss, metrics): `loss` is a scalar; when grad is enabled and some param (or learned rate)
-    requires grad, `loss.backward()` puts the exact (second-order unless `first_order`) meta-gradient in
-    `.grad`. `metrics` holds per-task tensors [tasks]: loss, and for classification accuracy (after the
-    last inner step); with `metrics_before` (one more query forward per task) also loss_before and
-    accuracy_before.
+    strategy: how the same per-task function runs over the tasks: "vmap" (all at once), "loop" (one task
+              at a time), "chunked:N" (vmap over N tasks at a time), or "auto" (`resolve_strategy`).
+    memory: "store" keeps every inner step's graph; "recompute" (`task_loss_and_grad_recompute`) keeps only
+            the inner iterates: the same meta-gradient, memory flat in the steps. Not with `adapt_only`.
+    meta_gradient: None is MAML's, through the inner loop; else fmaml.meta_gradients' `Implicit` (iMAML)
+            or `Reptile`, whose `proximal` term is part of the inner problem, evaluation's too.
+    compute_dtype: None, or torch.bfloat16 / torch.float16: mixed precision by casts in every forward
+            (`forward`); the inner updates and the meta-gradient stay in the params' dtype.
+    The other options: the module docstring and `task_loss`. Returns (loss, metrics): a scalar whose
+    `.backward()` puts the exact meta-gradient (second order unless `first_order`) in `.grad`, and per-task
+    tensors [tasks]: loss, accuracy (classification), with `metrics_before` loss_before, accuracy_before.
     """
     check_arguments(
-        params,
-        tasks,
-        model=model,
-        loss=loss,
-        steps=steps,
-        lr=lr,
-        strategy=strategy,
-        step_weights=step_weights,
-        adapt_only=adapt_only,
-        memory=memory,
-        inner_optimizer=inner_optimizer,
-        compute_dtype=compute_dtype,
-    )
-    if meta_gradient is not None:
-        meta_gradient.check(
-            first_order=first_order, multi_step_loss=step_weights is not None, adapt_only=adapt_only,
-            memory=memory, learned_lr=bool(_learned_rates(lr)[0]),
-            per_step_network=getattr(model, "takes_inner_step", False),
-        )  # fmt: skip
+        params, tasks, model=model, loss=loss, steps=steps, lr=lr, strategy=strategy, step_weights=step_weights,
+        adapt_only=adapt_only, memory=memory, inner_optimizer=inner_optimizer, compute_dtype=compute_dtype,
+        first_order=first_order, meta_gradient=meta_gradient,
+    )  # fmt: skip
     strategy = resolve_strategy(strategy, model, tasks["support"][0].device)
     config = dict(
-        model=model,
-        loss=loss,
-        steps=steps,
-        lr=lr,
-        first_order=first_order,
-        metrics_before=metrics_before,
-        step_weights=step_weights,
-        adapt_only=adapt_only,
-        inner_optimizer=inner_optimizer,
+        model=model, loss=loss, steps=steps, lr=lr, first_order=first_order, metrics_before=metrics_before,
+        step_weights=step_weights, adapt_only=adapt_only, inner_optimizer=inner_optimizer,
         compute_dtype=compute_dtype,
-    ) | ({"proximal": meta_gradient.proximal} if meta_gradient is not None else {})
+    ) | ({"proximal": meta_gradient.proximal} if meta_gradient is not None else {})  # fmt: skip
     names = [name for name, p in params.items() if p.requires_grad]
     learned, with_rates = _learned_rates(lr) if torch.is_grad_enabled() else ([], None)
-    if not (torch.is_grad_enabled() and (names or learned)):
-        # Evaluation: inner gradients only (torch.func.grad works under no_grad), no meta-gradient.
+    if not (torch.is_grad_enabled() and (names or learned)):  # evaluation: inner gradients only
         _, metrics = _over_tasks(
             lambda p, b, t: task_loss(p, b, t, **config), params, buffers, tasks, strategy
         )
         return metrics["loss"].mean(), metrics
-
-    inputs = [*(params[name] for name in names), *learned]
     # Detached inputs: the gradient reaches params (and rates) only through _ExactMetaLoss, never twice.
-    detached = {name: p.detach() for name, p in params.items()}
-    detached_inputs = (detached, [rate.detach() for rate in learned])
-    recompute = {k: v for k, v in config.items() if k != "adapt_only"} | {"with_rates": with_rates}
+    detached = ({name: p.detach() for name, p in params.items()}, [rate.detach() for rate in learned])
+    per_task = _per_task_meta_gradient(config, memory, meta_gradient, with_rates)
+    (grads, rate_grads), values, metrics = _mean_over_tasks(per_task, detached, buffers, tasks, strategy)
+    mean_grads = (*(grads[name] for name in names), *rate_grads)
+    inputs = (*(params[name] for name in names), *learned)
+    return _ExactMetaLoss.apply(values.mean(), mean_grads, *inputs), metrics
 
-    def recomputed(inputs: tuple[Params, list[Tensor]], b: Params, t: Tasks):
-        p, rates = inputs
-        return task_loss_and_grad_recompute(p, b, t, learned_rates=rates, **recompute)
 
+def _per_task_meta_gradient(config: dict, memory: str, meta_gradient, with_rates: Callable) -> Callable:
+    """One task's meta-gradient as a function of ((params, learned rates), buffers, task), returning
+    ((param grads, rate grads), query loss, metrics), by one of three ideas: differentiate through the
+    inner loop with every step's graph stored (memory="store"), or recomputed one step at a time on the way
+    back (memory="recompute"), or a `meta_gradient` that does not differentiate through it (iMAML, Reptile)."""
     if meta_gradient is not None:
-        # iMAML, Reptile: no graph through the inner steps, so one per-task function for every strategy.
-        def per_task(p: Params, b: Params, t: Tasks):
-            return meta_gradient.task_loss_and_grad(p, b, t, **config)
 
-        grads, values, metrics = _over_tasks(per_task, detached, buffers, tasks, strategy)
-        mean_grads = tuple(grads[name].mean(0) for name in names)
-        return _ExactMetaLoss.apply(values.mean(), mean_grads, *inputs), metrics
+        def per_task(inputs: tuple[Params, list[Tensor]], buffers: Params, task: Tasks):
+            grads, value, metrics = meta_gradient.task_loss_and_grad(inputs[0], buffers, task, **config)
+            return (grads, []), value, metrics
 
-    if strategy == "loop":
-        # Without vmap the batch_norm bug cannot arise, so plain autograd can differentiate each task. Each
-        # task's meta-gradient is finished (and its graph freed) before the next starts, and summed at
-        # once: memory of one task, not of the meta-batch.
-        num_tasks = tasks["support"][0].shape[0]
-        total, values, per_task_metrics = None, [], []
-        for i in range(num_tasks):
-            if memory == "store":
-                value, metrics = task_loss(params, buffers, _select(tasks, i), **config)
-                grads = torch.autograd.grad(value, inputs, allow_unused=True)
-                grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
-            else:
-                (g, rate_g), value, metrics = recomputed(detached_inputs, buffers, _select(tasks, i))
-                grads = [*(g[name] for name in names), *rate_g]
-            total = grads if total is None else [t.add_(g) for t, g in zip(total, grads, strict=True)]
-            values.append(value.detach())
-            per_task_metrics.append(metrics)
-        metrics = _stacked(per_task_metrics)
-        mean_grads = tuple(t / num_tasks for t in total)
-        return _ExactMetaLoss.apply(torch.stack(values).mean(), mean_grads, *inputs), metrics
+    elif memory == "recompute":
+        recompute = {k: v for k, v in config.items() if k != "adapt_only"} | {"with_rates": with_rates}
 
-    if memory == "recompute":
-        (grads, rate_grads), values, metrics = _over_tasks(
-            recomputed, detached_inputs, buffers, tasks, strategy
-        )
-        mean_grads = (*(grads[name].mean(0) for name in names), *(g.mean(0) for g in rate_grads))
-    elif not learned:
+        def per_task(inputs: tuple[Params, list[Tensor]], buffers: Params, task: Tasks):
+            params, rates = inputs
+            return task_loss_and_grad_recompute(params, buffers, task, learned_rates=rates, **recompute)
 
-        def per_task(p: Params, b: Params, t: Tasks):
-            return task_loss_and_grad(p, b, t, **config)
-
-        grads, values, metrics = _over_tasks(per_task, detached, buffers, tasks, strategy)
-        mean_grads = tuple(grads[name].mean(0) for name in names)
     else:
 
-        def per_task(inputs: tuple[Params, list[Tensor]], b: Params, t: Tasks):
-            return _task_loss_and_grads_with_rates(inputs, b, t, with_rates=with_rates, **config)
+        def per_task(inputs: tuple[Params, list[Tensor]], buffers: Params, task: Tasks):
+            return _task_loss_and_grads_with_rates(inputs, buffers, task, with_rates=with_rates, **config)
 
-        (grads, rate_grads), values, metrics = _over_tasks(
-            per_task, detached_inputs, buffers, tasks, strategy
-        )
-        mean_grads = (*(grads[name].mean(0) for name in names), *(g.mean(0) for g in rate_grads))
-    return _ExactMetaLoss.apply(values.mean(), mean_grads, *inputs), metrics
+    return per_task
+
+
+def _mean_over_tasks(fn: Callable, inputs, buffers: Params, tasks: Tasks, strategy: str):
+    """`fn(inputs, buffers, task) -> (grads, query loss, metrics)` over every task by `strategy`, reduced:
+    (the grads' mean over tasks, query losses [tasks], metrics [tasks]). The loop adds each task's grads to
+    a running sum, so that one task's meta-gradient is finished, and its graph freed, before the next
+    starts: memory of one task, not of the meta-batch (and each chunk of chunked:N is one vmap)."""
+    if strategy != "loop":
+        grads, values, metrics = _over_tasks(fn, inputs, buffers, tasks, strategy)
+        return tree_map(lambda g: g.mean(0), grads), values, metrics
+    num_tasks = tasks["support"][0].shape[0]
+    total, outputs = None, []
+    for i in range(num_tasks):
+        grads, value, metrics = fn(inputs, buffers, _select(tasks, i))
+        total = grads if total is None else tree_map(torch.Tensor.add_, total, grads)
+        outputs.append((value, metrics))
+    values, metrics = _stacked(outputs)
+    return tree_map(lambda t: t / num_tasks, total), values, metrics
 
 
 # ------------------------------------------------------------------------------------- MAML++ schedules
@@ -728,6 +700,8 @@ def check_arguments(
     memory="store",
     inner_optimizer=PLAIN_SGD,
     compute_dtype=None,
+    first_order=False,
+    meta_gradient=None,
 ) -> None:
     """Raise a ValueError that names the argument, its value and the fix, before any work starts."""
     check_steps(steps)
@@ -750,6 +724,12 @@ def check_arguments(
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} is unknown: use one of {sorted(LOSSES)}")
     check_tasks(tasks)
+    if meta_gradient is not None:
+        meta_gradient.check(
+            first_order=first_order, multi_step_loss=step_weights is not None, adapt_only=adapt_only,
+            memory=memory, learned_lr=bool(_learned_rates(lr)[0]),
+            per_step_network=getattr(model, "takes_inner_step", False),
+        )  # fmt: skip
     for module in model.modules():
         if (
             isinstance(module, nn.modules.batchnorm._BatchNorm)

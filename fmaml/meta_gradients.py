@@ -28,7 +28,17 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value
 
-from fmaml.maml import LOSSES, Params, Tasks, _dot, _evaluate, adapt, forward
+from fmaml.maml import (
+    LOSSES,
+    Params,
+    Tasks,
+    _dot,
+    _evaluate,
+    _reported,
+    adapt,
+    forward,
+    metrics_before_adapting,
+)
 
 
 class MetaGradient:
@@ -71,18 +81,15 @@ class MetaGradient:
 
         def query_loss(p: Params):
             value, accuracy = _evaluate(p, buffers, query_x, query_y, model, loss, steps - 1, compute_dtype)
-            metrics = {"loss": value.detach()} | ({"accuracy": accuracy} if accuracy is not None else {})
-            return value, metrics
+            return value, _reported(value, accuracy)
 
         query_grad, (value, metrics) = grad_and_value(query_loss, has_aux=True)(phi)
         return query_grad, value.detach(), metrics
 
 
 def _metrics_before(params: Params, buffers: Params, task: Tasks, config: dict) -> dict[str, Tensor]:
-    value, accuracy = _evaluate(
-        params, buffers, *task["query"], config["model"], config["loss"], 0, config.get("compute_dtype")
-    )
-    return {"loss_before": value.detach()} | ({"accuracy_before": accuracy} if accuracy is not None else {})
+    query = (task["query"], config["model"], config["loss"], config.get("compute_dtype"))
+    return metrics_before_adapting(params, buffers, *query)
 
 
 def _adapted(params: Params, buffers: Params, task: Tasks, proximal: float, config: dict) -> Params:
@@ -220,7 +227,7 @@ class Reptile(MetaGradient):
         )
         with torch.no_grad():
             value, accuracy = _evaluate(phi, buffers, *query)
-        metrics = {"loss": value} | ({"accuracy": accuracy} if accuracy is not None else {})
+        metrics = _reported(value, accuracy)
         if config.get("metrics_before", True):
             metrics |= _metrics_before(params, buffers, task, config)
         return {name: params[name] - phi[name] for name in params}, value, metrics
