@@ -25,6 +25,9 @@ Engines (`--engines`, default all):
                         it feeds and Adam run eagerly. `compile_s` = first step minus the median step,
                         a cold compile (the inductor cache is disabled unless TORCHINDUCTOR_FORCE_DISABLE_CACHES
                         is set otherwise). A failure is recorded in `error`, not raised.
+                        `--compile-backend` (default inductor; the record's `compile_backend`): `eager`
+                        traces with dynamo and runs the graphs eagerly, which checks that the engine still
+                        compiles without paying for code generation (run_gpu.sh's CPU smoke mode).
     fmaml_first_order   strategy auto with first_order=True (FOMAML)
     Shorthands: all, eager (everything not compiled), compiled.
 
@@ -279,7 +282,16 @@ def torchfunc_loop_engine(model: nn.Module, workload: Workload, steps: int):
     return run
 
 
-def fmaml_engine(model, workload, steps, strategy, first_order=False, compile=False, inner_optimizer="sgd"):
+def fmaml_engine(
+    model,
+    workload,
+    steps,
+    strategy,
+    first_order=False,
+    compile=False,
+    inner_optimizer="sgd",
+    backend="inductor",
+):
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     # Like the app's meta-step on a step that writes no logs: no extra "before adaptation" forward pass,
     # which higher's loop does not do either.
@@ -297,7 +309,7 @@ def fmaml_engine(model, workload, steps, strategy, first_order=False, compile=Fa
 
     if compile:
         torch._dynamo.reset()  # a fresh cache: each compiled engine compiles from scratch
-        objective = torch.compile(objective)
+        objective = torch.compile(objective, backend=backend)
 
     def run(tasks):
         objective(params, buffers, tasks).backward()
@@ -332,7 +344,14 @@ def unsupported(engine: str, inner_optimizer: str) -> str | None:
     return None
 
 
-def build_engine(name: str, model: nn.Module, workload: Workload, steps: int, inner_optimizer: str = "sgd"):
+def build_engine(
+    name: str,
+    model: nn.Module,
+    workload: Workload,
+    steps: int,
+    inner_optimizer: str = "sgd",
+    backend="inductor",
+):
     spec = parse_engine(name)
     if reason := unsupported(name, inner_optimizer):
         raise ValueError(reason)
@@ -342,7 +361,7 @@ def build_engine(name: str, model: nn.Module, workload: Workload, steps: int, in
         return torchfunc_loop_engine(model, workload, steps)
     return fmaml_engine(
         model, workload, steps, spec["strategy"], first_order=spec["first_order"], compile=spec["compile"],
-        inner_optimizer=inner_optimizer,
+        inner_optimizer=inner_optimizer, backend=backend,
     )  # fmt: skip
 
 
@@ -388,7 +407,10 @@ def measure(job: dict, reference: list[torch.Tensor] | None, isolated: bool) -> 
         spec = parse_engine(job["engine"])
         if spec["kind"] == "fmaml":
             record["strategy"] = resolve_strategy(spec["strategy"], model, device)
-        run = build_engine(job["engine"], model, workload, job["inner_steps"], job["inner_optimizer"])
+        backend = job.get("compile_backend", "inductor")
+        run = build_engine(
+            job["engine"], model, workload, job["inner_steps"], job["inner_optimizer"], backend
+        )
         optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
         if spec.get("compile"):
             torch._dynamo.utils.counters.clear()
@@ -414,6 +436,7 @@ def measure(job: dict, reference: list[torch.Tensor] | None, isolated: bool) -> 
         elif isolated:
             record["peak_mem_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
         if spec.get("compile"):
+            record["compile_backend"] = backend
             record["compile_s"] = times[0] - record["median_s"]
             record["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
         if reference is not None:
@@ -460,7 +483,7 @@ def run_configuration(
 ) -> list[dict]:
     base = dict(workload=workload, inner_steps=steps, meta_batch=meta_batch, device=args.device)
     base |= dict(repeats=args.repeats, warmup=args.warmup, seed=args.seed, threads=args.threads)
-    base |= dict(inner_optimizer=inner_optimizer)
+    base |= dict(inner_optimizer=inner_optimizer, compile_backend=args.compile_backend)
     setting = (WORKLOADS[workload], steps, meta_batch, args.device, args.seed)
     references = {
         order: reference_gradients(*setting, order, inner_optimizer)
@@ -598,6 +621,12 @@ def parse_args(argv=None):
         help="one subprocess per engine (auto: on CPU, where peak RSS needs it; on CUDA memory is per engine anyway)",
     )
     parser.add_argument("--engine-timeout", type=float, default=900, help="seconds per isolated engine")
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile's backend for the +compile engines; `eager` traces with dynamo only (the CPU smoke "
+        "run of run_gpu.sh, where an inductor compile takes minutes)",
+    )
     parser.add_argument(
         "--compare",
         type=Path,

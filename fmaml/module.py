@@ -221,7 +221,7 @@ class MAML(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.per_task_csv = per_task_csv
         self.meta_grad_clip = dict(value=meta_grad_clip_value, norm=meta_grad_clip_norm)
-        self._test_metrics: list[dict[str, Tensor]] = []
+        self._task_metrics: list[dict[str, Tensor]] = []  # this evaluation epoch's, batch by batch
         # The deferred finite check's state, on the device: the meta-step counter and the first non-finite
         # step (-1 while every meta-loss was finite). Counted there, not copied from the host every step.
         self._device_step: Tensor | None = None
@@ -391,11 +391,8 @@ class MAML(L.LightningModule):
     def _log_metrics(self, stage: str, metrics: dict[str, Tensor], **kwargs) -> None:
         batch_size = next(iter(metrics.values())).shape[0]
         for name, values in metrics.items():
-            # Evaluation metrics average over every DDP process's share of the fixed tasks; training
-            # metrics stay per-process, to keep the meta-step free of an extra collective.
-            self.log(
-                f"{stage}/{name}", values.mean(), batch_size=batch_size, sync_dist=stage != "train", **kwargs
-            )
+            # Per process, to keep the meta-step free of an extra collective (evaluation: `_log_task_means`).
+            self.log(f"{stage}/{name}", values.mean(), batch_size=batch_size, **kwargs)
 
     def _learned_lr(self, steps: int, detach: bool = False) -> InnerLR:
         """The learned rates as the engine's `lr`: per-parameter tensors (Meta-SGD), or one dict of scalars
@@ -537,21 +534,34 @@ class MAML(L.LightningModule):
         return metrics
 
     def validation_step(self, tasks, batch_idx):
-        self._log_metrics("val", self._evaluate(tasks), prog_bar=True)
+        self._task_metrics.append(self._evaluate(tasks))
 
     def test_step(self, tasks, batch_idx):
-        metrics = self._evaluate(tasks)
-        self._test_metrics.append(metrics)
-        self._log_metrics("test", metrics)
+        self._task_metrics.append(self._evaluate(tasks))
 
-    def on_test_epoch_start(self) -> None:
-        self._test_metrics = []
+    def on_validation_epoch_start(self) -> None:
+        self._task_metrics = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_task_means("val", self._all_tasks(), prog_bar=True)
+
+    def _all_tasks(self) -> dict[str, Tensor]:
+        """This evaluation epoch's per-task metrics, of every DDP process, in task order."""
+        metrics = self._task_metrics
+        return self._gather_per_task({k: torch.cat([m[k] for m in metrics]) for k in metrics[0]})
+
+    def _log_task_means(self, stage: str, per_task: dict[str, Tensor], **kwargs) -> None:
+        # From every process's tasks, gathered, so the same on all. Not sync_dist: Lightning divides by the
+        # processes' mean task count as an integer, truncated (5 tasks on 2 processes: 2, not 2.5).
+        for name, values in per_task.items():
+            self.log(f"{stage}/{name}", values.mean(), **kwargs)
 
     def on_test_epoch_end(self) -> None:
         """The paper's protocol: mean over all test tasks with a 95% confidence interval."""
-        per_task = self._gather_per_task(
-            {k: torch.cat([m[k] for m in self._test_metrics]) for k in self._test_metrics[0]}
-        )
+        per_task = self._all_tasks()
+        self._log_task_means("test", per_task)
         main = "accuracy" if "accuracy" in per_task else "loss"
         values = per_task[main].double()
         mean, ci95 = values.mean().item(), ci95_half_width(values)

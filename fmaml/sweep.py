@@ -20,9 +20,10 @@ one sweep.
 - Every other argument goes unchanged to each run; the subcommand is ``fit`` unless given first.
 - Storage: by default an SQLite file beside the sweep's logs (``<save-dir>/sweeps/<name>/optuna.db``,
   nothing to start). ``--storage URL`` takes any database URL SQLAlchemy knows (``postgresql://user:pw@host/
-  db``, ``mysql+pymysql://...``): start ``python -m fmaml.sweep`` with the same ``--name``, ``--storage``
-  and arguments on as many machines as you like, and they share one study. ``--workers N`` runs N trials
-  at once on this machine. Running the same command again resumes the sweep.
+  db``, its driver from ``pip install 'fmaml[postgresql]'``; ``mysql+pymysql://...``): start ``python -m
+  fmaml.sweep`` with the same ``--name``, ``--storage`` and arguments on as many machines as you like, and
+  they share one study. ``--workers N`` runs N trials at once on this machine. Running the same command
+  again resumes the sweep.
 - ``--prune``: Optuna's median pruner stops a trial whose ``--metric`` is behind the median of earlier
   trials at the same ``global_step`` (reported after every validation; fmaml trains in one endless epoch,
   so reporting by epoch would see one step). A pruned trial stops at that step, keeps its checkpoint, and
@@ -30,7 +31,8 @@ one sweep.
 - A trial that fails (exit code other than 0) is recorded as failed with the end of its output, reported,
   and the sweep goes on. A worker killed mid-trial (its run dies with it) stops sending heartbeats; when
   any worker of the study next looks (at start and before each trial), the trial is marked failed and
-  retried once as a new trial, so nothing stays RUNNING.
+  retried once as a new trial, so nothing stays RUNNING (in a search, the retry takes the killed trial's
+  place among the ``--trials``).
 - Each trial logs to ``<save-dir>/sweeps/<name>/<number>-<values>``: its own TensorBoard version, and its
   console output in ``output.log`` there. Given ``--trainer.default_root_dir DIR`` (on the command line
   or in a config), a run puts its TensorBoard version and checkpoints under DIR (``DIR/<save-dir>/...``,
@@ -61,6 +63,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 # Nothing here imports torch or Lightning (fmaml/__init__.py is lazy): a sweep process starts in half a second
@@ -139,6 +142,9 @@ Search = list[tuple[str, optuna.distributions.BaseDistribution]]  # (parameter, 
 PRUNED_AT = "pruned_at_step"  # user attr a trial's run sets when the pruner stopped it
 RUN_LOG_DIR = "run_log_dir"  # user attr a trial's run sets: the folder it logs to (what it resolved)
 DUPLICATE_OF = "duplicate_of"  # user attr of a trial skipped because another took its grid point
+# Fails a killed worker's trial and enqueues its retry; under its new name where Optuna has it (the old one
+# warns from Optuna 4.9).
+Retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)
 
 
 def parse_search(specs: list[str]) -> Search:
@@ -210,10 +216,44 @@ def command(
     ]
 
 
+DRIVER_EXTRAS = {"postgresql": "postgresql"}  # database -> the fmaml extra that installs its driver
+
+
+def storage_url(given: str | None, sweep_dir: str) -> str:
+    """The study's database URL: --storage, its driver checked now, so that a missing one stops the sweep
+    before it creates anything; by default an SQLite file in the sweep's folder."""
+    if given is None:
+        return f"sqlite:///{os.path.abspath(sweep_dir)}/optuna.db"
+    import sqlalchemy  # optuna's own dependency
+
+    try:
+        url = sqlalchemy.engine.make_url(given)
+        sqlalchemy.create_engine(url).dispose()  # imports the driver; connects to nothing
+    except sqlalchemy.exc.ArgumentError as error:  # a malformed URL or an unknown database
+        raise SystemExit(
+            f"--storage {given}: not a usable database URL ({error}); use sqlite:///path.db, "
+            "postgresql://user:password@host/db or mysql+pymysql://..., with the driver installed"
+        ) from None
+    except ImportError as error:
+        extra = DRIVER_EXTRAS.get(url.get_backend_name())
+        fix = f"pip install 'fmaml[{extra}]' (or uv sync --extra {extra})" if extra else "install it"
+        raise SystemExit(
+            f"--storage {url.render_as_string()}: the {url.drivername} driver is not installed ({error}); {fix}"
+        ) from None
+    return given
+
+
 def open_study(storage: str, name: str, direction: str, heartbeat: float, seed: int | None) -> optuna.Study:
     """The sweep's study, created by the first worker and joined by the others. Heartbeats let any worker
     fail (and retry once) the trials of a worker that was killed."""
     import sqlalchemy.exc  # optuna's own dependency
+
+    # Heartbeats and their retries are experimental in Optuna, and used outside Study.optimize on purpose:
+    # its warnings about that would open every worker's output, with nothing for a user to do.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings(
+        "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
+    )
 
     sampler = optuna.samplers.TPESampler(seed=seed)
     # Two workers creating one new database at once: the loser's tables or version row clash; it retries, then joins.
@@ -228,20 +268,24 @@ def open_study(storage: str, name: str, direction: str, heartbeat: float, seed: 
                 storage,
                 heartbeat_interval=max(1, round(heartbeat)),
                 grace_period=max(2, round(3 * heartbeat)),
-                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+                heartbeat_stale_trial_callback=Retry(max_retry=1),
             )
             return optuna.create_study(
                 study_name=name, storage=rdb, direction=direction, sampler=sampler, load_if_exists=True
             )
-        except sqlalchemy.exc.ArgumentError as error:  # a malformed URL or a driver that is not installed
-            raise SystemExit(
-                f"--storage {storage}: not a usable database URL ({error}); use sqlite:///path.db, "
-                "postgresql://user:password@host/db or mysql+pymysql://..., with the driver installed"
-            ) from None
         except racing:
             if attempt == 4:
                 raise
             time.sleep(0.5 + attempt)
+
+
+def search_done(trials: list[optuna.trial.FrozenTrial], wanted: int) -> bool:
+    """Whether a search has run its `wanted` trials. A killed worker's trial, failed and retried, is not one
+    of them: its retry stands in, and runs (it waits in the queue) however many trials there are."""
+    if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
+        return False
+    retried = {Retry.retried_trial_number(t) for t in trials}
+    return sum(DUPLICATE_OF not in t.user_attrs and t.number not in retried for t in trials) >= wanted
 
 
 def point_of(trial: optuna.trial.FrozenTrial) -> str:
@@ -420,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     if not re.fullmatch(r"[\w-]+", name):
         p.error(f"--name {name!r}: use letters, digits, '_' and '-' (it becomes a folder name)")
     sweep_dir = os.path.join(args.save_dir, "sweeps", name)
-    storage = args.storage or f"sqlite:///{os.path.abspath(sweep_dir)}/optuna.db"
+    storage = storage_url(args.storage, sweep_dir)
     keys = [k for k, _ in grid] or [k for k, _ in search]
     names = short_names(keys)
     logger = {"save_dir": args.save_dir, "name": f"sweeps/{name}"}
@@ -481,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             trials = study.get_trials(deepcopy=False)
             if grid and not any(t.state == State.WAITING for t in trials):
                 return None
-            if search and sum(DUPLICATE_OF not in t.user_attrs for t in trials) >= args.trials:
+            if search and search_done(trials, args.trials):
                 return None
             trial = study.ask(distributions)
             frozen = stored_trial(study, trial._trial_id)

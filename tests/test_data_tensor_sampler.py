@@ -174,9 +174,9 @@ def test_batch_i_is_a_function_of_seed_rank_and_i(source, episodes):
     assert all(torch.equal(a, b) for a, b in zip(reference, stream(data), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(reference[1:], stream(data, 2, start=1), strict=True))
     assert not torch.equal(reference[0], reference[1])
-    assert not torch.equal(reference[0], stream(data, 1, rank=1)[0])
+    assert not torch.equal(reference[0], stream(data, 1, rank=1, world_size=2)[0])
     assert not torch.equal(reference[0], stream(data, 1, seed=1)[0])
-    g1, g2 = batch_generator(0, 0, 5), batch_generator(0, 0, 5)
+    g1, g2 = batch_generator(0, 5), batch_generator(0, 5)
     assert torch.equal(torch.rand(8, generator=g1), torch.rand(8, generator=g2))
 
 
@@ -185,10 +185,10 @@ def test_sampling_on_cuda(omniglot_train, lookup):
     cuda = InMemoryEpisodes.from_metadataset(omniglot_train, SHOTS, QUERY, "cuda")
     a, b = stream(cuda, 2), stream(cuda, 2)
     assert a[0].is_cuda and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    batch = cuda.sample(4, batch_generator(0, 0, 0, "cuda"))
+    batch = cuda.sample(4, batch_generator(0, 0, "cuda"))
     support = identify(batch["support"][0][0].cpu(), lookup)
     assert len({cls for cls, _ in support}) == WAYS
-    sinusoid = SinusoidEpisodes(3, 4, "cuda").sample(4, batch_generator(0, 0, 0, "cuda"))
+    sinusoid = SinusoidEpisodes(3, 4, "cuda").sample(4, batch_generator(0, 0, "cuda"))
     assert sinusoid["query"][1].is_cuda
 
 

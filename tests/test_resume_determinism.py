@@ -119,8 +119,8 @@ def test_stream_is_a_function_of_seed_rank_and_batch_index(source, omniglot_trai
         omniglot_train if source == "omniglot" else MetaDataModule(Sinusoid(), shots=3)._get("train")
     )
 
-    def stream(start=0, seed=0, rank=0, workers=0):
-        loader = random_task_loader(metadataset, 3, workers, seed, rank, position=lambda: start)
+    def stream(start=0, seed=0, rank=0, workers=0, world_size=1):
+        loader = random_task_loader(metadataset, 3, workers, seed, rank, world_size, position=lambda: start)
         return batches(loader, 4 - start)
 
     reference = stream()
@@ -128,7 +128,7 @@ def test_stream_is_a_function_of_seed_rank_and_batch_index(source, omniglot_trai
     assert all(torch.equal(a, b) for a, b in zip(reference[2:], stream(start=2), strict=True))  # resume
     assert all(torch.equal(a, b) for a, b in zip(reference, stream(workers=2), strict=True))
     assert not torch.equal(reference[0], reference[1])
-    assert not torch.equal(reference[0], stream(rank=1)[0])  # each DDP process gets other tasks
+    assert not torch.equal(reference[0], stream(rank=1, world_size=2)[0])  # each DDP process gets other tasks
     assert not torch.equal(reference[0], stream(seed=1)[0])
 
 

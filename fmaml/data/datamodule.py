@@ -1,15 +1,15 @@
 """MetaDataModule: few-shot tasks of a dataset spec, as a LightningDataModule.
 
 Batches are ``{"support": (x, y), "query": (x, y)}``; shapes in fmaml.data.tasks. Training tasks are
-random, and meta-batch i is a pure function of (global seed, process rank, i), where i is the trainer's
-global step: a fit resumed from a checkpoint sees exactly the tasks an uninterrupted one would have
-seen (the loader is effectively endless: bound training with max_steps). Validation and test use
-`num_val_tasks` / `num_test_tasks` fixed tasks drawn from `seed`, identical in every epoch, process
-and run.
+random, and meta-batch i is a pure function of (global seed, i), where i is the trainer's global step,
+whatever the number of processes: a fit resumed from a checkpoint sees exactly the tasks an
+uninterrupted one would have seen (the loader is effectively endless: bound training with max_steps).
+Validation and test use `num_val_tasks` / `num_test_tasks` fixed tasks drawn from `seed`, identical in
+every epoch, process and run.
 
-Under DDP each process gets its share of every meta-batch (`meta_batch_size / world size` tasks, drawn
-with its rank) and of the validation/test tasks; Lightning's distributed sampler must be off
-(``Trainer(use_distributed_sampler=False)``, the CLI's default).
+Under DDP each process gets its share of every meta-batch (`meta_batch_size / world size` tasks: its
+slice of the meta-batch one process would draw) and of the validation/test tasks; Lightning's
+distributed sampler must be off (``Trainer(use_distributed_sampler=False)``, the CLI's default).
 
 Training tasks come from one of two samplers (`sampler`): torchmeta's, image by image in Python
 (fmaml.data.tasks), or fmaml.data.tensor_tasks, whole meta-batches as tensor ops on the training device.

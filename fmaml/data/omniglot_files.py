@@ -26,6 +26,8 @@ import itertools
 import json
 import os
 import re
+import socket
+import threading
 import warnings
 import zipfile
 import zlib
@@ -97,7 +99,7 @@ def prepare_omniglot(folder: str, download: bool = True) -> None:
         _download_or_explain(folder, missing, download)
 
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{DATA_FILE}.tmp-{os.getpid()}")
+    tmp = os.path.join(folder, _private_name(f".{DATA_FILE}"))
     try:
         present = set()  # "images_background/<Alphabet>/<character>" keys written to data.hdf5
         with h5py.File(tmp, "w") as f:
@@ -119,7 +121,7 @@ def _download_or_explain(folder: str, missing: list[str], download: bool) -> Non
 
         try:
             for name in missing:
-                part = f"{name}.zip.part"  # renamed only once complete and md5-checked
+                part = _private_name(f"{name}.zip")  # renamed only once complete and md5-checked
                 download_url(DOWNLOAD_URL.format(name=name), folder, part, md5=OFFICIAL_MD5[name])
                 os.replace(os.path.join(folder, part), os.path.join(folder, f"{name}.zip"))
             return
@@ -228,8 +230,14 @@ def _write_paper_label_files(folder: str, present: set[str]) -> None:
         _write_json_atomic(os.path.join(folder, name), sorted(k.split("/") for k in keys[split]))
 
 
+def _private_name(name: str) -> str:
+    """`name` made this preparer's own: nodes sharing the data folder prepare it at once (Lightning's
+    prepare_data runs on each node), each writing its own files and renaming them when complete."""
+    return f"{name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
+
+
 def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = _private_name(path)
     with open(tmp, "w") as f:
         json.dump(obj, f)
     os.replace(tmp, path)

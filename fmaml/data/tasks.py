@@ -96,16 +96,19 @@ def random_index(metadataset, rng: np.random.Generator):
 
 
 class RandomTasks(Dataset):
-    """The training stream: item `i` is meta-batch `i` of process `rank`, a pure function of (seed, rank, i).
+    """The training stream: item `i` is process `rank`'s share of meta-batch `i`, a pure function of
+    (seed, i, rank, world size).
 
-    Task j of batch i is built from ``SeedSequence([seed, train], spawn_key=(rank, i, j))``: its
-    classes (or sinusoid), then the seed given to `load_task`. Nothing depends on earlier batches, so a
-    resumed fit that asks for batch i gets the very batch an uninterrupted one got, in any worker.
-    One epoch is ``len(metadataset)`` tasks, like torchmeta's loader.
+    Task j of batch i is built from ``SeedSequence([seed, train], spawn_key=(0, i, j))``: its classes (or
+    sinusoid), then the seed given to `load_task`. j counts over the whole meta-batch, and process r holds
+    tasks ``r * batch_size`` to ``(r + 1) * batch_size - 1``, so any number of processes trains on the tasks
+    one process would (the leading 0, once the rank, keeps one process's stream what it always was).
+    Nothing depends on earlier batches, so a resumed fit that asks for batch i gets the very batch an
+    uninterrupted one got, in any worker. One epoch is ``len(metadataset)`` tasks, like torchmeta's loader.
     """
 
     def __init__(self, metadataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.metadataset, self.batch_size, self.rank = metadataset, batch_size, rank
+        self.metadataset, self.batch_size, self.first = metadataset, batch_size, rank * batch_size
         self.entropy = [seed, SPLIT_IDS["train"]]
         # A toy dataset's table is a fixed pool of tasks (like a dataset's images), drawn from a constant:
         # the same in every run and process, whatever the seed, which picks tasks from it.
@@ -119,8 +122,8 @@ class RandomTasks(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         tasks = []
-        for j in range(self.batch_size):
-            rng = np.random.default_rng(np.random.SeedSequence(self.entropy, spawn_key=(self.rank, i, j)))
+        for j in range(self.first, self.first + self.batch_size):
+            rng = np.random.default_rng(np.random.SeedSequence(self.entropy, spawn_key=(0, i, j)))
             index = random_index(self.metadataset, rng)
             tasks.append(load_task(self.metadataset, index, int(rng.integers(2**32))))
         return collate_fixed_tasks(tasks)

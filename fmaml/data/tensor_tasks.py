@@ -5,9 +5,10 @@ per image or per task.
   uint8). Its base classes are read once through torchmeta (same splits, same transforms) into one
   tensor ``[classes, samples, C, H, W]``; class augmentations (Omniglot's rotations) stay tensor ops.
 - `SinusoidEpisodes`: the sinusoid regression tasks of `torchmeta.toy.Sinusoid`, drawn as tensors.
-- `tensor_task_loader`: the training stream over either, with the contract of fmaml.data.tasks: batch
-  `i` of process `rank` is a pure function of (seed, rank, i) (on a given device type: CPU and CUDA
-  generators give different streams), and it resumes at the trainer's global step (`StreamSampler`).
+- `tensor_task_loader`: the training stream over either, with the contract of fmaml.data.tasks: meta-batch
+  `i` is a pure function of (seed, i) (on a given device type: CPU and CUDA generators give different
+  streams), process `rank` of `world_size` takes its share of it, and it resumes at the trainer's global
+  step (`StreamSampler`).
 
 Batches have the format of fmaml.data.tasks, and the same task distribution as the torchmeta path:
 ``ways`` distinct classes (a rotated class is a class of its own), ``shots + query_shots`` distinct
@@ -31,9 +32,10 @@ from fmaml.data.tasks import SPLIT_IDS, StreamLoader, stream_loader
 Batch = dict[str, tuple[Tensor, Tensor]]
 
 
-def batch_generator(seed: int, rank: int, i: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of training batch `i` of process `rank`: seeded from (seed, rank, i) alone."""
-    sequence = np.random.SeedSequence([seed, SPLIT_IDS["train"]], spawn_key=(rank, i))
+def batch_generator(seed: int, i: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of training meta-batch `i`, the whole of it over all processes: from (seed, i) alone."""
+    # The leading 0 was the process rank: kept, so that one process draws the stream it always drew.
+    sequence = np.random.SeedSequence([seed, SPLIT_IDS["train"]], spawn_key=(0, i))
     return torch.Generator(device=device).manual_seed(int(sequence.generate_state(1, np.uint64)[0]))
 
 
@@ -157,9 +159,10 @@ class InMemoryEpisodes:
         """Base classes times (augmentations + 1)."""
         return self.images.shape[0] * self.pixel_maps.shape[0]
 
-    def sample(self, num_tasks: int, generator: torch.Generator) -> Batch:
+    def sample(self, num_tasks: int, generator: torch.Generator, share: slice = slice(None)) -> Batch:
         """`num_tasks` tasks: x float32 ``[T, ways*shots, C, H, W]``, y int64 ``[T, ways*shots]``
-        (query likewise), grouped by class; class order is random and labels permuted per task."""
+        (query likewise), grouped by class; class order is random and labels permuted per task.
+        `share`: the tasks to build (a DDP process's part of the meta-batch); all are drawn."""
         T, W, S = num_tasks, self.ways, self.images.shape[1]
         K = self.shots + self.query_shots
         device, base_classes = self.device, self.images.shape[0]
@@ -176,6 +179,7 @@ class InMemoryEpisodes:
             scores = scores.masked_fill(padding, -1.0)
         examples = scores.topk(K, dim=2).indices  # [T, W, K]
         labels = rand(T, W).argsort(dim=1)  # [T, W]: the label of each class of the task
+        classes, examples, labels = classes[share], examples[share], labels[share]  # gather these images only
         x = self.images[(classes % base_classes)[:, :, None], examples]  # [T, W, K, C, H, W]
         if self.pixel_maps.shape[0] > 1:
             pixels = self.pixel_maps[classes // base_classes]  # [T, W, H*W]
@@ -220,8 +224,9 @@ class SinusoidEpisodes:
         self.shots, self.query_shots, self.num_tasks = shots, query_shots, num_tasks
         self.device = torch.device(device)
 
-    def sample(self, num_tasks: int, generator: torch.Generator) -> Batch:
-        """x, y float32 ``[T, shots, 1]`` (support) and ``[T, query_shots, 1]`` (query)."""
+    def sample(self, num_tasks: int, generator: torch.Generator, share: slice = slice(None)) -> Batch:
+        """x, y float32 ``[T, shots, 1]`` (support) and ``[T, query_shots, 1]`` (query), of the tasks
+        `share` of the `num_tasks` drawn."""
 
         def uniform(bounds, *shape):
             low, high = bounds
@@ -230,6 +235,7 @@ class SinusoidEpisodes:
         amplitude = uniform(self.amplitude_range, num_tasks, 1, 1)
         phase = uniform(self.phase_range, num_tasks, 1, 1)
         x = uniform(self.input_range, num_tasks, self.shots + self.query_shots, 1)
+        amplitude, phase, x = amplitude[share], phase[share], x[share]
         y = amplitude * torch.sin(x - phase)
         return {
             "support": (x[:, : self.shots], y[:, : self.shots]),
@@ -238,20 +244,22 @@ class SinusoidEpisodes:
 
 
 class EpisodeStream(Dataset):
-    """Item `i`: meta-batch `i` of process `rank`, `batch_size` tasks drawn on the episodes' device with
-    `batch_generator(seed, rank, i)`. An epoch is ``num_tasks // (batch_size * world_size)`` batches, as
-    in fmaml.data.tasks.RandomTasks."""
+    """Item `i`: process `rank`'s `batch_size` tasks of meta-batch `i`, drawn whole (``batch_size *
+    world_size`` tasks) on the episodes' device with `batch_generator(seed, i)`: any number of processes
+    trains on the tasks one process would. An epoch is ``num_tasks // (batch_size * world_size)`` batches,
+    as in fmaml.data.tasks.RandomTasks."""
 
     def __init__(self, episodes, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.episodes, self.batch_size, self.seed, self.rank = episodes, batch_size, seed, rank
-        self.num_batches = max(1, episodes.num_tasks // (batch_size * world_size))
+        self.episodes, self.seed, self.total = episodes, seed, batch_size * world_size
+        self.share = slice(rank * batch_size, (rank + 1) * batch_size)
+        self.num_batches = max(1, episodes.num_tasks // self.total)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __getitem__(self, i: int) -> Batch:
-        generator = batch_generator(self.seed, self.rank, i, self.episodes.device)
-        return self.episodes.sample(self.batch_size, generator)
+        generator = batch_generator(self.seed, i, self.episodes.device)
+        return self.episodes.sample(self.total, generator, self.share)
 
 
 def tensor_task_loader(
