@@ -33,8 +33,10 @@ from lightning.pytorch import callbacks
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-# Where a checkpoint keeps the config of the command that wrote it and its log folder (fmaml.runs reads it).
-RUN_KEY = "fmaml_run"
+from fmaml.private_apis import logging_step
+from fmaml.runs import RUN_KEY, flatten
+from fmaml.trial_attrs import PRUNED_AT, RUN_LOG_DIR
+
 # A SIGINT this soon after the first is the same Ctrl-C delivered again, not a second press: without a
 # terminal, `uv run` forwards SIGINT to its child 200 ms after the signal to the whole process group (which
 # `timeout -s INT`, job schedulers and IDE stop buttons send) has already reached it.
@@ -184,8 +186,6 @@ class SaveRunConfig(SaveConfigCallback):
         run's parameters, keyed by the dotted names of the command line."""
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        from fmaml.runs import flatten  # fmaml.runs imports this module
-
         text = self.parser.dump(self.config, skip_none=False)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -263,11 +263,11 @@ class TrainingTime(callbacks.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.loggers:
-            self._log(trainer, trainer.fit_loop.epoch_loop._batches_that_stepped - 1)
+            self._log(trainer, logging_step(trainer) - 1)
 
     def _log(self, trainer, step: int | None = None) -> None:
         # The step Lightning gives `self.log` calls at this point of the loop, so the values line up.
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped if step is None else step
+        step = logging_step(trainer) if step is None else step
         if trainer.is_global_zero and step >= 0:
             for logger in trainer.loggers:
                 logger.log_metrics({"time/train_seconds": self.seconds}, step=step)
@@ -306,8 +306,6 @@ class ReportToOptuna(callbacks.Callback):
             pruner = optuna.pruners.MedianPruner(n_startup_trials=self.startup_trials)
             study = optuna.load_study(study_name=self.study_name, storage=self.storage, pruner=pruner)
             self._trial = optuna.trial.Trial(study, self.trial_id)
-            from fmaml.sweep import RUN_LOG_DIR
-
             self._trial.set_user_attr(RUN_LOG_DIR, os.path.abspath(trainer.log_dir))
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -316,8 +314,6 @@ class ReportToOptuna(callbacks.Callback):
             return
         self._trial.report(float(value), step=trainer.global_step)
         if self.prune and self._trial.should_prune():
-            from fmaml.sweep import PRUNED_AT
-
             self._trial.set_user_attr(PRUNED_AT, trainer.global_step)
             trainer.should_stop = True
             print(

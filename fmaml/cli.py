@@ -37,6 +37,7 @@ from fmaml import runs
 from fmaml.callbacks import Checkpoint, LearningRateMonitor, SaveRunConfig, TrainingTime, config_dict
 from fmaml.data import MetaDataModule
 from fmaml.module import MAML
+from fmaml.private_apis import subcommand_parser
 from fmaml.schedules import check_max_steps_for_schedule
 from fmaml.settings_check import warn_ignored_run_settings
 
@@ -133,7 +134,7 @@ class MAMLCLI(LightningCLI):
                 f"--ckpt_path={config.ckpt_path}: cannot check the settings against its run: {source}"
             )
             return
-        command = runs.flatten(config_dict(self._parser(self.subcommand), config))
+        command = runs.flatten(config_dict(subcommand_parser(self, self.subcommand), config))
         if self.subcommand == "fit":
             conflicts = runs.differences(command, run, runs.defines_training)
             what = "what defines training (network, inner loop, optimizer, scheduler, tasks)"

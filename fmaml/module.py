@@ -39,6 +39,7 @@ from fmaml.maml import (
 )
 from fmaml.meta_gradients import MetaGradient
 from fmaml.per_step_batch_norm import statistics_layers, update_running_statistics
+from fmaml.private_apis import attached_trainer
 from fmaml.schedules import CosineAnnealingToMaxSteps, check_max_steps_for_schedule
 from fmaml.settings_check import warn_ignored_model_settings
 
@@ -274,7 +275,7 @@ class MAML(L.LightningModule):
         return ("store", "recompute") if self.memory == "auto" else (self.memory,)
 
     def _precision(self) -> str | None:
-        return str(self.trainer.precision) if self._trainer is not None else None
+        return str(self.trainer.precision) if attached_trainer(self) is not None else None
 
     def _mixed_precision(self) -> dict:
         """Lightning's bf16-mixed / 16-mixed as the engine's explicit casts (`compute_dtype`, for every
@@ -287,7 +288,7 @@ class MAML(L.LightningModule):
         return torch.autocast(self.device.type, enabled=False)
 
     def _auto_print(self, text: str) -> None:
-        if self._trainer is None or self.trainer.is_global_zero:
+        if attached_trainer(self) is None or self.trainer.is_global_zero:
             print(text)
 
     def _restore_auto_choice(self) -> None:
@@ -301,12 +302,12 @@ class MAML(L.LightningModule):
             precision=self._precision(),
             memory_share=self.auto_memory_share,
         )
-        if self._trainer is not None:
+        if attached_trainer(self) is not None:
             why = self.trainer.strategy.broadcast(why)  # free memory differs by process: rank 0 decides
         if not why:
             self.auto_choice = saved
             return
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        fitting = attached_trainer(self) is not None and self.trainer.state.fn == "fit"
         fixed = self._execution()  # the fixed rule, with neither a restored nor a measured choice
         self._auto_print(
             f"strategy=auto: the checkpoint's choice ({saved.get('strategy')}, memory={saved.get('memory')}) "
@@ -364,7 +365,7 @@ class MAML(L.LightningModule):
             "phase": auto_strategy.phase(inner),
             "check_seconds": choice.chosen["seconds"] if choice.cached else None,
         }
-        if self._trainer is not None:
+        if attached_trainer(self) is not None:
             chosen = self.trainer.strategy.broadcast(chosen)
         self._auto.watch(chosen.pop("check_seconds"), self.device)
         self.auto_choice = chosen
@@ -377,7 +378,7 @@ class MAML(L.LightningModule):
         if why is None:
             return
         self._auto.check = None
-        if self._trainer is not None:
+        if attached_trainer(self) is not None:
             why = self.trainer.strategy.broadcast(why)  # every process measures again, or none
         if why:
             self._auto_print(f"strategy=auto: {why}")
@@ -519,8 +520,13 @@ class MAML(L.LightningModule):
         self.raise_if_not_finite()
 
     def _logs_this_step(self) -> bool:
+        # Lightning's rule (its logger connector's private should_update_logs), from public attributes: the
+        # metrics of every log_every_n_steps-th step, and of the last. Its step count is global_step here,
+        # since every training_step takes exactly one optimizer step (tests/test_private_apis.py).
         trainer = self.trainer
-        return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
+        every = trainer.log_every_n_steps
+        due = every > 0 and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
+        return bool(trainer.fast_dev_run) or due
 
     def _evaluate(self, tasks) -> dict[str, Tensor]:
         # Detached params: evaluation adapts (inner gradients) but needs no meta-gradient. Grad mode is

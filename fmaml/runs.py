@@ -19,7 +19,9 @@ import os
 import torch
 import yaml
 
-from fmaml.callbacks import RUN_KEY
+# Where a checkpoint keeps the config of the command that wrote it and its log folder
+# (fmaml.callbacks.SaveRunConfig writes it).
+RUN_KEY = "fmaml_run"
 
 # Settings that change how a model is run or evaluated, never what is trained.
 EXECUTION_ONLY = (

@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
+import dataclasses
 import fnmatch
 import itertools
 import json
@@ -71,6 +72,7 @@ from concurrent.futures import ThreadPoolExecutor
 import optuna
 
 from fmaml.curves import read_scalars
+from fmaml.trial_attrs import PRUNED_AT, RUN_LOG_DIR
 
 SUBCOMMANDS = ("fit", "validate", "test")
 KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -139,8 +141,6 @@ def version_names(combos: list[dict[str, str]], names: dict[str, str]) -> list[s
 
 
 Search = list[tuple[str, optuna.distributions.BaseDistribution]]  # (parameter, how to sample it)
-PRUNED_AT = "pruned_at_step"  # user attr a trial's run sets when the pruner stopped it
-RUN_LOG_DIR = "run_log_dir"  # user attr a trial's run sets: the folder it logs to (what it resolved)
 DUPLICATE_OF = "duplicate_of"  # user attr of a trial skipped because another took its grid point
 # Fails a killed worker's trial and enqueues its retry; under its new name where Optuna has it (the old one
 # warns from Optuna 4.9).
@@ -243,9 +243,11 @@ def storage_url(given: str | None, sweep_dir: str) -> str:
     return given
 
 
-def open_study(storage: str, name: str, direction: str, heartbeat: float, seed: int | None) -> optuna.Study:
-    """The sweep's study, created by the first worker and joined by the others. Heartbeats let any worker
-    fail (and retry once) the trials of a worker that was killed."""
+def open_study(
+    storage: str, name: str, direction: str, heartbeat: float, seed: int | None
+) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+    """The sweep's study, created by the first worker and joined by the others, and its database. Heartbeats
+    let any worker fail (and retry once) the trials of a worker that was killed."""
     import sqlalchemy.exc  # optuna's own dependency
 
     # Heartbeats and their retries are experimental in Optuna, and used outside Study.optimize on purpose:
@@ -270,9 +272,10 @@ def open_study(storage: str, name: str, direction: str, heartbeat: float, seed: 
                 grace_period=max(2, round(3 * heartbeat)),
                 heartbeat_stale_trial_callback=Retry(max_retry=1),
             )
-            return optuna.create_study(
+            study = optuna.create_study(
                 study_name=name, storage=rdb, direction=direction, sampler=sampler, load_if_exists=True
             )
+            return study, rdb
         except racing:
             if attempt == 4:
                 raise
@@ -303,23 +306,16 @@ def enqueue_grid(study: optuna.Study, combos: list[dict[str, str]]) -> int:
     return len(missing)
 
 
-def owner_of_point(study: optuna.Study, trial: optuna.Trial) -> int:
+def owner_of_point(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int:
     """The number of the trial that runs this trial's grid point: the lowest-numbered one, among those not
     failed, holding it. Two workers that enqueued the same point at once thus agree on one runner."""
-    point = point_of(stored_trial(study, trial._trial_id))
+    point = point_of(trial)
     live = [
         t.number
         for t in study.get_trials(deepcopy=False)
         if t.state != optuna.trial.TrialState.FAIL and point_of(t) == point
     ]
     return min(live, default=trial.number)
-
-
-def stored_trial(study: optuna.Study, trial_id: int) -> optuna.trial.FrozenTrial:
-    """The trial as the database holds it now: what another process wrote too (Optuna's cache in front
-    of the database may hold an older copy of a trial this process owns)."""
-    storage = study._storage
-    return getattr(storage, "_backend", storage).get_trial(trial_id)
 
 
 def _die_with_parent() -> None:
@@ -439,15 +435,43 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+@dataclasses.dataclass
+class Plan:
+    """A sweep as its command asks for it, checked: what every worker of the sweep runs."""
+
+    args: argparse.Namespace
+    subcommand: str
+    passthrough: list[str]  # the arguments each run gets unchanged
+    grid: Grid
+    search: Search
+    name: str
+    sweep_dir: str
+    storage: str  # the study's database URL
+    names: dict[str, str]  # parameter -> its short name in folder names and the table
+    logger: dict[str, str]  # every run's TensorBoard save_dir and name
+
+
+def parse_plan(p: argparse.ArgumentParser, argv: list[str]) -> Plan:
+    """The command line as a Plan; a usage error (`p.error`) for anything wrong, before anything is created."""
     subcommand = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "fit"
-    p = parser()
     args, passthrough = p.parse_known_args(argv)
     try:
         grid, search = parse_grid(args.grid), parse_search(args.search)
     except ValueError as e:
         p.error(str(e))
+    check_counts(p, args, grid, search)
+    name = args.name or time.strftime("%Y%m%d-%H%M%S")
+    if not re.fullmatch(r"[\w-]+", name):
+        p.error(f"--name {name!r}: use letters, digits, '_' and '-' (it becomes a folder name)")
+    sweep_dir = os.path.join(args.save_dir, "sweeps", name)
+    storage = storage_url(args.storage, sweep_dir)
+    names = short_names([k for k, _ in grid] or [k for k, _ in search])
+    logger = {"save_dir": args.save_dir, "name": f"sweeps/{name}"}
+    return Plan(args, subcommand, passthrough, grid, search, name, sweep_dir, storage, names, logger)
+
+
+def check_counts(p: argparse.ArgumentParser, args: argparse.Namespace, grid: Grid, search: Search) -> None:
+    """A grid or a search (with its number of trials), and counts that can run."""
     if bool(grid) == bool(search):
         p.error(
             "give --grid KEY=V1,V2 (every combination once) or --search KEY=KIND:... with --trials N, not both"
@@ -460,158 +484,218 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--workers {args.workers}: must be 1 or more")
     if not args.heartbeat > 0:
         p.error(f"--heartbeat {args.heartbeat}: must be a positive number of seconds")
-    name = args.name or time.strftime("%Y%m%d-%H%M%S")
-    if not re.fullmatch(r"[\w-]+", name):
-        p.error(f"--name {name!r}: use letters, digits, '_' and '-' (it becomes a folder name)")
-    sweep_dir = os.path.join(args.save_dir, "sweeps", name)
-    storage = storage_url(args.storage, sweep_dir)
-    keys = [k for k, _ in grid] or [k for k, _ in search]
-    names = short_names(keys)
-    logger = {"save_dir": args.save_dir, "name": f"sweeps/{name}"}
 
-    combos = combinations(grid) if grid else []
-    if args.dry_run:
-        if grid:
-            for i, combo in enumerate(combos):
-                print(
-                    shlex.join(
-                        command(
-                            subcommand,
-                            passthrough,
-                            combo,
-                            {**logger, "version": trial_version(i, combo, names)},
-                        )
-                    )
-                )
-        else:
-            sampled = {k: "<sampled>" for k in keys}
-            print(shlex.join(command(subcommand, passthrough, sampled, {**logger, "version": "<trial>"})))
-        return 0
 
-    os.makedirs(sweep_dir, exist_ok=True)
-    study = open_study(storage, name, args.direction, args.heartbeat, args.seed)
+def print_commands(plan: Plan) -> None:
+    """--dry-run: the command of every grid point, or a search's with its sampled values marked."""
+    if plan.grid:
+        for i, combo in enumerate(combinations(plan.grid)):
+            logger = {**plan.logger, "version": trial_version(i, combo, plan.names)}
+            print(shlex.join(command(plan.subcommand, plan.passthrough, combo, logger)))
+    else:
+        sampled = {k: "<sampled>" for k, _ in plan.search}
+        logger = {**plan.logger, "version": "<trial>"}
+        print(shlex.join(command(plan.subcommand, plan.passthrough, sampled, logger)))
+
+
+@dataclasses.dataclass
+class Running:
+    """This process's part of a sweep: the study, the database behind it, and a lock its threads share. A
+    trial is read from the database directly: the study's cache in front of it may hold an older copy of a
+    trial this process owns, without what the trial's run (another process) wrote to it."""
+
+    plan: Plan
+    study: optuna.Study
+    storage: optuna.storages.RDBStorage
+    study_id: int  # the study's key in the database
+    distributions: dict[str, optuna.distributions.BaseDistribution]
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def trial_id(self, trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+        """The trial's key in the database, where heartbeats and the run's callback find it."""
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+
+    def stored(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+        """The trial as the database holds it now: what another process wrote too."""
+        return self.storage.get_trial(self.trial_id(trial))
+
+
+def join_study(p: argparse.ArgumentParser, plan: Plan) -> Running:
+    """The plan's study, created or joined, checked to be this sweep's; stale trials failed, the grid's
+    untaken points enqueued."""
+    os.makedirs(plan.sweep_dir, exist_ok=True)
+    args = plan.args
+    study, storage = open_study(plan.storage, plan.name, args.direction, args.heartbeat, args.seed)
+    check_settings(p, plan, study)
+    optuna.storages.fail_stale_trials(study)
+    where = f"-> {plan.sweep_dir}; study in {plan.storage}"
+    if plan.grid:
+        combos = combinations(plan.grid)
+        added = enqueue_grid(study, combos)
+        print(f"sweep {plan.name}: {len(combos)} combinations ({added} to run) {where}", flush=True)
+        distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in plan.grid}
+    else:
+        print(f"sweep {plan.name}: search of {args.trials} trials {where}", flush=True)
+        distributions = dict(plan.search)
+    return Running(plan, study, storage, storage.get_study_id_from_name(plan.name), distributions)
+
+
+def check_settings(p: argparse.ArgumentParser, plan: Plan, study: optuna.Study) -> None:
+    """Records the sweep's settings in a new study; refuses to join one started with other settings."""
     settings = {
-        "subcommand": subcommand,
-        "grid": grid,
-        "search": args.search,
-        "metric": args.metric,
-        "arguments": passthrough,
+        "subcommand": plan.subcommand,
+        "grid": plan.grid,
+        "search": plan.args.search,
+        "metric": plan.args.metric,
+        "arguments": plan.passthrough,
     }
     if "settings" not in study.user_attrs:
         study.set_user_attr("settings", settings)
     elif study.user_attrs["settings"] != json.loads(json.dumps(settings)):
         p.error(
-            f"study {name!r} in {storage} was started with other settings:\n  {study.user_attrs['settings']}\n"
-            f"this command: {settings}\nGive this sweep another --name, or the same arguments to resume it."
+            f"study {plan.name!r} in {plan.storage} was started with other settings:\n  "
+            f"{study.user_attrs['settings']}\nthis command: {settings}\n"
+            "Give this sweep another --name, or the same arguments to resume it."
         )
-    optuna.storages.fail_stale_trials(study)
-    if grid:
-        added = enqueue_grid(study, combos)
-        print(
-            f"sweep {name}: {len(combos)} combinations ({added} to run) -> {sweep_dir}; study in {storage}",
-            flush=True,
-        )
-        distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in grid}
-    else:
-        print(f"sweep {name}: search of {args.trials} trials -> {sweep_dir}; study in {storage}", flush=True)
-        distributions = dict(search)
-    patterns = args.metrics or ["val/*", "test/*"]
-    lock = threading.RLock()  # next_trial calls itself after skipping a duplicate
-    State = optuna.trial.TrialState
 
-    def next_trial() -> optuna.Trial | None:
-        with lock:  # one ask at a time in this process; other processes are handled by owner_of_point
-            optuna.storages.fail_stale_trials(study)
-            trials = study.get_trials(deepcopy=False)
-            if grid and not any(t.state == State.WAITING for t in trials):
-                return None
-            if search and search_done(trials, args.trials):
-                return None
-            trial = study.ask(distributions)
-            frozen = stored_trial(study, trial._trial_id)
-            if grid and "fixed_params" not in frozen.system_attrs:  # another worker took the last point
+
+def work(running: Running) -> None:
+    """One of this process's workers: runs trials until the sweep has none left."""
+    while (trial := next_trial(running)) is not None:
+        run_and_record(running, trial)
+
+
+def next_trial(running: Running) -> optuna.Trial | None:
+    """The next trial to run, or None when the sweep has none left. A grid trial whose point another
+    trial holds (two workers enqueued it at once) is failed as a duplicate, and the next one asked."""
+    study = running.study
+    with running.lock:  # one ask at a time in this process; other processes are handled by owner_of_point
+        while not nothing_left(running):
+            trial = study.ask(running.distributions)
+            if not running.plan.grid:
+                return trial
+            frozen = running.stored(trial)
+            if "fixed_params" not in frozen.system_attrs:  # another worker took the last point
                 trial.set_user_attr(DUPLICATE_OF, -1)
-                study.tell(trial, state=State.FAIL)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 return None
-            owner = owner_of_point(study, trial) if grid else trial.number
-            if owner != trial.number:
-                trial.set_user_attr(DUPLICATE_OF, owner)
-                study.tell(trial, state=State.FAIL)
-                return next_trial()
-            return trial
+            owner = owner_of_point(study, frozen)
+            if owner == trial.number:
+                return trial
+            trial.set_user_attr(DUPLICATE_OF, owner)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return None
 
-    def worker(_: int) -> None:
-        while (trial := next_trial()) is not None:
-            values = {k: as_text(v) for k, v in trial.params.items()}
-            version = trial_version(trial.number, values, names)
-            log_dir = os.path.join(sweep_dir, version)
-            report = {"storage": storage, "study": name, "trial_id": trial._trial_id, "metric": args.metric,
-                      "prune": args.prune, "startup_trials": args.prune_startup_trials}  # fmt: skip
-            cmd = command(subcommand, passthrough, values, {**logger, "version": version}, report)
-            with lock:
-                print(
-                    f"[trial {trial.number}] {version}: running, output in {log_dir}/output.log", flush=True
-                )
-            code, wall = run_trial(cmd, log_dir, study._storage, trial._trial_id, args.heartbeat)
-            reported = stored_trial(study, trial._trial_id).user_attrs  # what the run wrote there
-            run_dir = shown(reported.get(RUN_LOG_DIR, log_dir))  # a run that died early reported nothing
-            metrics = last_metrics(run_dir, [*patterns, args.metric])
-            for key, value in {
-                "metrics": metrics,
-                "wall_s": wall,
-                "log_dir": run_dir,
-                "exit_code": code,
-            }.items():
-                trial.set_user_attr(key, value)
-            output = os.path.join(log_dir, "output.log")
-            pruned_at = reported.get(PRUNED_AT)
-            if code == 0 and pruned_at is not None:
-                study.tell(trial, state=State.PRUNED)
-                status = f"pruned at step {pruned_at}"
-            elif code == 0 and args.metric in metrics and math.isfinite(metrics[args.metric]):
-                study.tell(trial, metrics[args.metric])
-                status = f"ok, {args.metric}={metrics[args.metric]:.4g}"
-            else:
-                reason = (
-                    f"exit {code}"
-                    if code
-                    else f"{args.metric} not logged in {run_dir} (it logged: {', '.join(metrics) or 'nothing'})"
-                )
-                trial.set_user_attr("error", reason)
-                study.tell(trial, state=State.FAIL)
-                status = f"failed ({reason})"
-            with lock:
-                print(f"[trial {trial.number}] {version}: {status} in {wall:.1f} s", flush=True)
-                if status.startswith("failed"):
-                    print(f"    last lines of {output}:\n{tail(output)}", flush=True)
 
-    with ThreadPoolExecutor(args.workers) as pool:
-        list(pool.map(worker, range(args.workers)))
+def nothing_left(running: Running) -> bool:
+    """Whether the sweep is done asking: no grid point waits, or the search has run its trials (after
+    failing, and so queueing the retry of, any killed worker's trial)."""
+    optuna.storages.fail_stale_trials(running.study)
+    trials = running.study.get_trials(deepcopy=False)
+    if running.plan.grid:
+        return not any(t.state == optuna.trial.TrialState.WAITING for t in trials)
+    return search_done(trials, running.plan.args.trials)
 
-    rows = summary_rows(study, names)
+
+def run_and_record(running: Running, trial: optuna.Trial) -> None:
+    """Run one trial's command, then record in the study what it logged, and its outcome."""
+    plan, args = running.plan, running.plan.args
+    values = {k: as_text(v) for k, v in trial.params.items()}
+    version = trial_version(trial.number, values, plan.names)
+    log_dir = os.path.join(plan.sweep_dir, version)
+    trial_id = running.trial_id(trial)
+    report = {"storage": plan.storage, "study": plan.name, "trial_id": trial_id, "metric": args.metric,
+              "prune": args.prune, "startup_trials": args.prune_startup_trials}  # fmt: skip
+    cmd = command(plan.subcommand, plan.passthrough, values, {**plan.logger, "version": version}, report)
+    with running.lock:
+        print(f"[trial {trial.number}] {version}: running, output in {log_dir}/output.log", flush=True)
+    code, wall = run_trial(cmd, log_dir, running.storage, trial_id, args.heartbeat)
+    reported = running.storage.get_trial(trial_id).user_attrs  # what the run wrote there
+    run_dir = shown(reported.get(RUN_LOG_DIR, log_dir))  # a run that died early reported nothing
+    metrics = last_metrics(run_dir, [*(args.metrics or ["val/*", "test/*"]), args.metric])
+    for key, value in {"metrics": metrics, "wall_s": wall, "log_dir": run_dir, "exit_code": code}.items():
+        trial.set_user_attr(key, value)
+    status = tell_outcome(running.study, trial, code, reported.get(PRUNED_AT), metrics, run_dir, args.metric)
+    output = os.path.join(log_dir, "output.log")
+    with running.lock:
+        print(f"[trial {trial.number}] {version}: {status} in {wall:.1f} s", flush=True)
+        if status.startswith("failed"):
+            print(f"    last lines of {output}:\n{tail(output)}", flush=True)
+
+
+def tell_outcome(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    code: int,
+    pruned_at: int | None,
+    metrics: dict[str, float],
+    run_dir: str,
+    metric: str,
+) -> str:
+    """Tell the study how the trial's run ended (pruned, its objective, or failed); returns it in words."""
+    if code == 0 and pruned_at is not None:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return f"pruned at step {pruned_at}"
+    if code == 0 and metric in metrics and math.isfinite(metrics[metric]):
+        study.tell(trial, metrics[metric])
+        return f"ok, {metric}={metrics[metric]:.4g}"
+    reason = (
+        f"exit {code}"
+        if code
+        else f"{metric} not logged in {run_dir} (it logged: {', '.join(metrics) or 'nothing'})"
+    )
+    trial.set_user_attr("error", reason)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return f"failed ({reason})"
+
+
+def summarize(plan: Plan, study: optuna.Study) -> int:
+    """The table of every trial of the study, also as summary.csv, and a search's best trial. Returns the
+    exit status: 1 while a grid point or trial has failed and not been done since, else 0."""
+    rows = summary_rows(study, plan.names)
     if not rows:
         print("no finished trials yet")
         return 0
-    csv_path = os.path.join(sweep_dir, "summary.csv")
-    columns = list(dict.fromkeys(c for row in rows for c in row))
-    rows = [{c: row.get(c, "") for c in columns} for row in rows]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_path = os.path.join(plan.sweep_dir, "summary.csv")
+    rows = write_csv(rows, csv_path)
     states = [row["state"] for row in rows]
     counts = ", ".join(
         f"{states.count(s)} {s}" for s in ("complete", "pruned", "fail", "running", "waiting") if s in states
     )
     print(f"\n{table(rows)}\n\n{counts}; summary in {csv_path}")
-    if search and any(s == "complete" for s in states):
+    if plan.search and any(s == "complete" for s in states):
         best = study.best_trial
-        print(f"best: trial {best.number}, {args.metric}={best.value:.6g}, {best.params}")
+        print(f"best: trial {best.number}, {plan.args.metric}={best.value:.6g}, {best.params}")
+    State = optuna.trial.TrialState
     unfinished_points = {
         point_of(t) for t in study.trials if t.state == State.FAIL and DUPLICATE_OF not in t.user_attrs
     }
     done_points = {point_of(t) for t in study.trials if t.state in (State.COMPLETE, State.PRUNED)}
     return 1 if unfinished_points - done_points else 0
+
+
+def write_csv(rows: list[dict[str, object]], path: str) -> list[dict[str, object]]:
+    """Writes rows whose keys may differ (trials of other parameters or metrics) as one CSV table; returns
+    them as written, each with every column."""
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    rows = [{c: row.get(c, "") for c in columns} for row in rows]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    plan = parse_plan(p, list(sys.argv[1:] if argv is None else argv))
+    if plan.args.dry_run:
+        print_commands(plan)
+        return 0
+    running = join_study(p, plan)
+    with ThreadPoolExecutor(plan.args.workers) as pool:
+        list(pool.map(lambda _: work(running), range(plan.args.workers)))
+    return summarize(plan, running.study)
 
 
 if __name__ == "__main__":

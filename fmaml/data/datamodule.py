@@ -32,6 +32,7 @@ from torchmeta.transforms import ClassSplitter
 from fmaml.data.specs import SPLIT_NAMES, DatasetSpec, Omniglot, Sinusoid
 from fmaml.data.tasks import FixedTasks, fixed_task_loader, random_task_loader
 from fmaml.data.tensor_tasks import InMemoryEpisodes, SinusoidEpisodes, tensor_task_loader
+from fmaml.private_apis import uses_distributed_sampler
 from fmaml.settings_check import warn_ignored_data_settings
 
 ROOT_ENV = "FMAML_DATA_ROOT"
@@ -225,7 +226,7 @@ class MetaDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.world_size == 1:
             return 0, 1
-        if trainer._accelerator_connector.use_distributed_sampler:
+        if uses_distributed_sampler(trainer):
             raise ValueError(
                 "MetaDataModule gives each DDP process its own tasks: create the Trainer with "
                 "use_distributed_sampler=False (the fmaml CLI's default; --trainer.use_distributed_sampler=false)"
