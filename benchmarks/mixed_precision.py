@@ -92,12 +92,13 @@ def gradient(
         row = {"strategy": "loop", "memory": memory, "precision": "bf16 autocast"}
         rows.append(row | agreement(meta_gradient("loop", memory, autocast=True), reference))
         for strategy in strategies:
-            float32_seconds = seconds(strategy, memory)
+            float32_seconds = seconds(strategy, memory) if repeats else None
             for name in precisions:
                 dtype = DTYPES[name]
                 row = {"strategy": strategy, "memory": memory, "precision": name}
                 row |= agreement(meta_gradient(strategy, memory, dtype), reference)
-                row |= {"seconds": seconds(strategy, memory, dtype), "float32_seconds": float32_seconds}
+                if repeats:  # timings only from a run alone on its device (--repeats 0: none)
+                    row |= {"seconds": seconds(strategy, memory, dtype), "float32_seconds": float32_seconds}
                 rows.append(row)
     for row in rows:
         timing = (
@@ -176,7 +177,12 @@ def main() -> None:
     grad.add_argument("--precisions", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
     grad.add_argument("--steps", type=int, default=1, help="inner steps")
     grad.add_argument("--meta-batch", type=int, default=8)
-    grad.add_argument("--repeats", type=int, default=3, help="timed meta-gradients per row (median)")
+    grad.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed meta-gradients per row (median); 0: agreement only, untimed",
+    )
     training = sub.add_parser("train")
     training.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/mixed_precision")
     training.add_argument("--steps", type=int, default=300)

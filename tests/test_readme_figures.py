@@ -395,33 +395,38 @@ def test_memory_soak_equals_memory_soak_json():
 # ------------------------------------------------------------------------------------------ precision
 
 
-def test_mixed_precision_figures_equal_their_files():
-    loop = _json("mixed_precision/gradient.json")["loop"]
-    errors = {f"{100 * loop[m]['relative_error']:.1f}%" for m in ("store", "recompute")}
-    cosines = {f"{loop[m]['cosine']:.4f}" for m in ("store", "recompute")}
-    assert len(errors) == len(cosines) == 1, "the READMEs say store and recompute agree: they no longer do"
-    _expect(
-        BENCH, "bf16-mixed is {} off float32 in relative norm, cosine {}, with `store`", *errors, *cosines
-    )
-    _expect(FRONT, "its meta-gradient is {} off float32's (cosine {})", *errors, *cosines)
-    fp32, bf16 = (
-        _column(RESULTS / "mixed_precision" / f"{n}_test.csv", "accuracy") for n in ("32_true", "bf16_mixed")
-    )
+def _precision_row(row: dict) -> list[str]:
+    """A row of the mixed-precision table; its time against float32 only where the run was timed."""
+    error, cosine = f"{100 * row['relative_error']:.1f}%", f"{row['cosine']:.4f}"
+    time = [_ratio(row["seconds"] / row["float32_seconds"])] if "seconds" in row else []
+    return [row["strategy"], row["memory"], row["precision"], error, cosine, *time]
+
+
+def _paired_runs(folder: str) -> tuple[str, str, str]:
+    fp32, bf16 = (_column(RESULTS / folder / f"{n}_test.csv", "accuracy") for n in ("32_true", "bf16_mixed"))
     difference = _mean_ci([b - a for a, b in zip(fp32, bf16, strict=True)])
-    fp32, bf16 = _pct_ci(_mean_ci(fp32)), _pct_ci(_mean_ci(bf16))
+    return _pct_ci(_mean_ci(fp32)), _pct_ci(_mean_ci(bf16)), _signed_points(difference)
+
+
+def test_mixed_precision_figures_equal_their_files():
+    rows = _json("mixed_precision/gradient.json")["rows"]
+    assert _table(BENCH, "| strategy | memory | precision |") == [_precision_row(r) for r in rows]
+    (vmap,) = [r for r in rows if (r["strategy"], r["memory"], r["precision"]) == ("vmap", "store", "bf16")]
+    _expect(
+        FRONT, "Its meta-gradient is {} off float32's (cosine {}) under `vmap`", *_precision_row(vmap)[3:5]
+    )
+    fp32, bf16, difference = _paired_runs("mixed_precision_vmap")
+    _expect(
+        BENCH, "with `vmap`: float32 {}, bf16-mixed {}; paired difference {} points", fp32, bf16, difference
+    )
+    _expect(FRONT, "test at {} against {} in float32 (paired difference {} points)", bf16, fp32, difference)
+    fp32, bf16, difference = _paired_runs("mixed_precision")
     _expect(
         BENCH,
-        "float32 {}, bf16-mixed {}; paired difference {} points",
+        "the loop under autocast: float32 {}, bf16-mixed {}; paired difference {} points",
         fp32,
         bf16,
-        _signed_points(difference),
-    )
-    _expect(
-        FRONT,
-        "test at {} against {} in float32 (paired difference {} points)",
-        bf16,
-        fp32,
-        _signed_points(difference),
+        difference,
     )
 
 
