@@ -478,7 +478,7 @@ def _select(tasks: Tasks, i: int) -> Tasks:
 def resolve_strategy(strategy: str, model: nn.Module, device: torch.device | str) -> str:
     """Turn "auto" into a concrete strategy for this model and device.
 
-    The rule, measured by benchmarks/run_cpu.sh (README, "Benchmarks"): on CPU, vmap over convolution
+    The rule, measured by benchmarks/run_cpu.sh (benchmarks/README.md): on CPU, vmap over convolution
     weights runs as a batched grouped convolution whose double backward is slow, so a per-task loop wins
     on conv nets (2.8x on the Omniglot 5-way 5-shot ConvNet, 1.7x to 3.3x across the three ConvNet
     workloads, at a quarter of the memory); on models without convolutions (the sinusoid MLP) vmap wins

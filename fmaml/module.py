@@ -63,7 +63,7 @@ class MAML(L.LightningModule):
     first_order: FOMAML, detach the inner gradients.
     strategy: how tasks are run, see `fmaml.maml.meta_loss` ("auto", "vmap", "loop", "chunked:N").
     compile: run the meta-loss through `torch.compile` (a one-off compile of tens of seconds; see the
-        README's benchmarks for when it pays).
+        benchmarks/README.md for when it pays).
     optimizer, lr_scheduler: the meta-optimizer (Adam 1e-3 by default) and an optional scheduler,
         stepped once per meta-step (MAML++'s cosine annealing over the run's max_steps:
         `fmaml.schedules.CosineAnnealingToMaxSteps`, configs/omniglot_mamlpp.yaml).

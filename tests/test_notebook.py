@@ -1,4 +1,4 @@
-"""The README's "In a notebook" cells run as written, on tiny settings, in a fresh virtual environment's
+"""fmaml/README.md's "In a notebook" cells run as written, on tiny settings, in a fresh virtual environment's
 Python, in one process, as a notebook kernel runs them: the install cell installs uv, then a copy of this
 checkout into that environment with uv and the override of torchmeta's torch pin (from the package
 registry; uv's cache makes it a few seconds). Only `%pip` (IPython's) is done by uv here."""
@@ -35,7 +35,7 @@ def not_in_a_clone(folder: str, names: list[str]) -> set[str]:
 
 
 def notebook_cells() -> list[str]:
-    text = open(os.path.join(REPO, "README.md")).read()
+    text = open(os.path.join(REPO, "fmaml", "README.md")).read()
     section = text.split("## In a notebook", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 

@@ -1,9 +1,10 @@
 """Every README figure this file knows about equals the results file a benchmark script wrote.
 
-Pure file reads: each check finds a figure in README.md or benchmarks/README.md, by its table row or by the
-words around it, and compares the text shown with the value in `benchmarks/results/` formatted as the
-README shows it. Ratios and paired differences are computed from the files, never copied. A README edit
-that moves a figure out of its sentence fails here too ("not found"): update the check with the text.
+Pure file reads: each check finds a figure on the page that shows it (README.md, benchmarks/README.md or
+configs/README.md), by its table row or by the words around it, and compares the text shown with the value
+in `benchmarks/results/` formatted as the page shows it. Ratios and paired differences are computed from the
+files, never copied. A README edit that moves a figure out of its sentence, or to another page, fails here
+too ("not found"): update the check with the text.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 FRONT = ROOT / "README.md"
 BENCH = ROOT / "benchmarks" / "README.md"
+CONFIGS = ROOT / "configs" / "README.md"
+PACKAGE = ROOT / "fmaml" / "README.md"
+TESTS = ROOT / "tests" / "README.md"
+READMES = (FRONT, BENCH, CONFIGS, PACKAGE, TESTS)
 MINUS = "\u2212"  # the READMEs print negative differences with a typographic minus
 
 
@@ -201,7 +206,7 @@ RECIPE_ROWS = {
 
 def test_recipe_table_equals_recipes_results_json():
     results = _json("recipes_5w1s/results.json")
-    rows = _table(FRONT, "| recipe (config) |")
+    rows = _table(BENCH, "| recipe (config) |")
     for recipe, prefix in RECIPE_ROWS.items():
         _assert_recipe_row(_row(rows, prefix), results[recipe], recipe)
 
@@ -223,33 +228,33 @@ def test_recipe_discussion_equals_recipes_results_json():
     maml, anil, fomaml, mamlpp = r["maml"], r["anil"], r["fomaml"], r["mamlpp"]
     more_steps = f"{100 * (anil['steps'] / maml['steps'] - 1):.0f}%"
     _expect(
-        FRONT,
+        BENCH,
         "it fits {} more meta-steps ({} against {})",
         more_steps,
         *map(_thousands, (anil["steps"], maml["steps"])),
     )
-    _expect(FRONT, "accurate ({} points over MAML", f"+{100 * anil['minus_maml3'][0]:.1f}")
+    _expect(BENCH, "accurate ({} points over MAML", f"+{100 * anil['minus_maml3'][0]:.1f}")
     _expect(
-        FRONT,
+        BENCH,
         "Meta-SGD comes next ({})",
         f"+{100 * r['metasgd']['minus_maml3'][0]:.1f} ± {100 * r['metasgd']['minus_maml3'][1]:.1f}",
     )
     _expect(
-        FRONT,
+        BENCH,
         "its {} s against {} s",
         f"{r['metasgd']['seconds_per_step']:.2f}",
         f"{maml['seconds_per_step']:.2f}",
     )
     cheaper = f"{100 * (1 - fomaml['seconds_per_step'] / maml['seconds_per_step']):.0f}%"
     _expect(
-        FRONT,
+        BENCH,
         "First-order MAML is {} cheaper per step but {} points behind",
         cheaper,
         f"{-100 * fomaml['minus_maml3'][0]:.0f}",
     )
     ratio = f"{mamlpp['seconds_per_step'] / maml['seconds_per_step']:.1f}x"
     _expect(
-        FRONT,
+        BENCH,
         "MAML++ is {} points behind because its 5 inner steps make a step {} MAML's ({} steps)",
         f"{-100 * mamlpp['minus_maml3'][0]:.0f}",
         ratio,
@@ -263,13 +268,13 @@ def test_recipe_discussion_equals_recipes_results_json():
     )
     twenty = r["maml_20w1s"]
     _expect(
-        FRONT,
+        BENCH,
         "it had {} of the paper's 60,000 meta-steps ({})",
         _thousands(twenty["steps"]),
         f"{100 * twenty['steps'] / 60000:.2f}%",
     )
-    _expect(FRONT, "20-way row is {} points short of the paper", f"{95.8 - 100 * twenty['test3'][0]:.0f}")
-    _expect(FRONT, "MAML alone reached {} in its 20 minutes", _pct_ci(maml["test3"]))
+    _expect(BENCH, "20-way row is {} points short of the paper", f"{95.8 - 100 * twenty['test3'][0]:.0f}")
+    _expect(BENCH, "MAML alone reached {} in its 20 minutes", _pct_ci(maml["test3"]))
     _expect(
         BENCH,
         "was rerun at {} steps, which it reached after {} s",
@@ -324,7 +329,7 @@ def test_memory_prose_equals_memory_files():
 
     loop_growth = f"{batch[('loop', 64)]['growth_mb'] / batch[('loop', 1)]['growth_mb']:.2f}x"
     _expect(BENCH, "The loop grows {} from 1 to 64 tasks", loop_growth)
-    _expect(FRONT, "memory of one task, {} from 1 to 64 tasks)", loop_growth)
+    _expect(CONFIGS, "memory of one task, {} from 1 to 64 tasks)", loop_growth)
     chunk = [batch[("chunked:8", mb)]["growth_mb"] for mb in (8, 64)]
     _expect(
         BENCH,
@@ -366,7 +371,7 @@ def test_memory_prose_equals_memory_files():
     prices = [f"{time_ratio(e):.2f}x" for e in ("loop", "vmap", "chunked:8")]
     _expect(BENCH, "in this run: {} the loop's time, {} vmap's, {} chunked:8's", *prices)
     _expect(
-        FRONT,
+        CONFIGS,
         "for {} (vmap) to {} (chunked:8) the time at 5 steps ({} for the loop)",
         prices[1],
         prices[2],
@@ -380,13 +385,13 @@ def test_memory_prose_equals_memory_files():
     )
     gb = [f"{steps[(e, 20)]['growth_mb'] / 1000:.1f} GB" for e in ("vmap", "vmap+recompute")]
     _expect(BENCH, "`vmap` at 20 inner steps and meta-batch 8 needs {} on this CPU; with recompute, {}.", *gb)
-    _expect(FRONT, "(`vmap` at 20 steps: {} instead of {})", *gb[::-1])
+    _expect(CONFIGS, "(`vmap` at 20 steps: {} instead of {})", *gb[::-1])
 
 
 def test_memory_soak_equals_memory_soak_json():
     rows = {r["step"]: r["rss_mb"] for r in _json("memory_soak_cpu.json")["rows"]}
     _expect(
-        FRONT,
+        BENCH,
         "measured {} MB resident at step 1 and {} MB at step 100, and {} MB at step 2,000",
         *(f"{rows[s]:.0f}" for s in (1, 100, 2000)),
     )
@@ -413,13 +418,13 @@ def test_mixed_precision_figures_equal_their_files():
     assert _table(BENCH, "| strategy | memory | precision |") == [_precision_row(r) for r in rows]
     (vmap,) = [r for r in rows if (r["strategy"], r["memory"], r["precision"]) == ("vmap", "store", "bf16")]
     _expect(
-        FRONT, "Its meta-gradient is {} off float32's (cosine {}) under `vmap`", *_precision_row(vmap)[3:5]
+        CONFIGS, "Its meta-gradient is {} off float32's (cosine {}) under `vmap`", *_precision_row(vmap)[3:5]
     )
     fp32, bf16, difference = _paired_runs("mixed_precision_vmap")
     _expect(
         BENCH, "with `vmap`: float32 {}, bf16-mixed {}; paired difference {} points", fp32, bf16, difference
     )
-    _expect(FRONT, "test at {} against {} in float32 (paired difference {} points)", bf16, fp32, difference)
+    _expect(CONFIGS, "test at {} against {} in float32 (paired difference {} points)", bf16, fp32, difference)
     fp32, bf16, difference = _paired_runs("mixed_precision")
     _expect(
         BENCH,
@@ -456,7 +461,7 @@ def test_auto_vs_fixed_table_and_prose_equal_auto_vs_fixed_json():
         assert row[5:7] == [f"{r['auto_over_fastest']:.2f}x", f"{r['measuring_seconds']:.1f} s"], row[0]
     worst = max(r["auto_over_fastest"] for r in records.values())
     _expect(
-        FRONT, "(within {} of the fastest fixed strategy on every CPU workload", f"{100 * (worst - 1):.1f}%"
+        CONFIGS, "(within {} of the fastest fixed strategy on every CPU workload", f"{100 * (worst - 1):.1f}%"
     )
 
 
@@ -509,13 +514,13 @@ def test_cpu_prose_equals_cpu_json():
         *(f"{v:.2f}x" for v in (auto[0], auto[-1], first[0], first[-1])),
     )
     _expect(
-        FRONT,
+        CONFIGS,
         "ConvNets {} to {} (`auto`: loop), first order {} to {}.",
         *(f"{v:.2f}x" for v in (auto[0], auto[-1], first[0], first[-1])),
     )
     sinusoid = {e: r[("sinusoid", e)]["speedup_vs_higher"] for e in ("fmaml_auto", "fmaml_vmap+compile")}
     _expect(
-        FRONT,
+        CONFIGS,
         "the sinusoid {} faster (`auto`: vmap), {} compiled",
         f"{sinusoid['fmaml_auto']:.1f}x",
         f"{sinusoid['fmaml_vmap+compile']:.0f}x",
@@ -572,7 +577,7 @@ def test_throughput_tables_equal_throughput_cpu_json():
         for r in records
         if (r["config"], r["what"], r["sampler"]) == ("omniglot", "sample", "tensor")
     )
-    _expect(FRONT, "as uint8, in {} s in `benchmarks/throughput.py`'s run", f"{load:.1f}")
+    _expect(CONFIGS, "as uint8, in {} s in `benchmarks/throughput.py`'s run", f"{load:.1f}")
     steps = [r for r in records if r["what"] in ("bare", "fit")]
     rows = _table(BENCH, "| config | run | ms per meta-step |")
     assert len(rows) == len(steps)
@@ -597,7 +602,7 @@ def test_throughput_tables_equal_throughput_cpu_json():
     )
 
 
-@pytest.mark.parametrize("readme", [FRONT, BENCH], ids=["README.md", "benchmarks/README.md"])
+@pytest.mark.parametrize("readme", READMES, ids=_name)
 def test_figures_point_to_existing_results_files(readme):
     """Every `benchmarks/results/...` path a README names exists, so no figure points at a missing file."""
     named = set(re.findall(r"(?:benchmarks/)?results/[\w./{},-]+\.(?:json|csv|png|md)", readme.read_text()))
@@ -659,7 +664,7 @@ def test_adam_speed_prose_equals_inner_optimizers_cpu_json():
     for workload in [("sinusoid", 5, 25), ("omniglot5w5s", 1, 32)]:
         engines = records[(*workload, "adam")]
         ratios.append(_ratio(engines["higher"]["median_s"] / _fastest_fmaml(engines)["median_s"]))
-    _expect(FRONT, "with an Adam inner loop, fmaml's fastest strategy is {} `higher`'s speed on the sinusoid "
+    _expect(CONFIGS, "with an Adam inner loop, fmaml's fastest strategy is {} `higher`'s speed on the sinusoid "
             "and {} on Omniglot 5w5s", *ratios)  # fmt: skip
 
 
@@ -683,11 +688,13 @@ def test_adam_memory_and_recipe_prose_equal_their_files():
     records = _memory("memory_cpu_adam_steps.json")
     growth = records[("loop+recompute", 20)]["growth_mb"] / records[("loop+recompute", 1)]["growth_mb"]
     _expect(
-        FRONT, "keeps an Adam inner loop's memory flat ({} from 1 to 20 steps with the loop)", _ratio(growth)
+        CONFIGS,
+        "keeps an Adam inner loop's memory flat ({} from 1 to 20 steps with the loop)",
+        _ratio(growth),
     )
     r = _json("recipes_5w1s_adam/results.json")
     shown = [f"{100 * r[name]['test3'][0]:.2f} %" for name in ("maml_adam", "maml")]
-    _expect(FRONT, "trained far worse than SGD at the same budget ({} against {},", *shown)
+    _expect(CONFIGS, "trained far worse than SGD at the same budget ({} against {},", *shown)
 
 
 # ------------------------------------------------------------------------------------ iMAML and Reptile
