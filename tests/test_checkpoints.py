@@ -7,12 +7,14 @@ import os
 import signal
 import time
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 from fixtures import TINY, config
 from lightning.pytorch.callbacks import EarlyStopping
 
+from fmaml import callbacks
 from fmaml.cli import main
 from fmaml.module import MAML
 from fmaml.schedules import CosineAnnealingToMaxSteps
@@ -113,12 +115,23 @@ def test_ctrl_c_stops_after_the_meta_step_and_saves_it(monkeypatch, capsys):
     assert signal.getsignal(signal.SIGINT) is sigint_before  # put back after the fit
 
 
+def callbacks_clock(monkeypatch) -> list[float]:
+    """fmaml.callbacks' monotonic clock, moved by the test only (now[0] += seconds): the time between two
+    SIGINTs is then what the test says however busy the machine (a real 0.2 s sleep can last a second)."""
+    now = [time.monotonic()]
+    clock = SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
+    clock.monotonic = lambda: now[0]
+    monkeypatch.setattr(callbacks, "time", clock)
+    return now
+
+
 def test_the_same_ctrl_c_delivered_twice_still_saves(monkeypatch):
     """`uv run` without a terminal forwards SIGINT to its child 200 ms after the process group got it."""
+    now = callbacks_clock(monkeypatch)
 
     def ctrl_c_twice(module):
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.2)
+        now[0] += 0.2
         os.kill(os.getpid(), signal.SIGINT)
 
     stop_at(monkeypatch, 7, ctrl_c_twice)
@@ -128,9 +141,11 @@ def test_the_same_ctrl_c_delivered_twice_still_saves(monkeypatch):
 
 
 def test_a_second_ctrl_c_a_moment_later_aborts_without_saving(monkeypatch, capsys):
+    now = callbacks_clock(monkeypatch)
+
     def ctrl_c_then_again(module):
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1.2)
+        now[0] += 1.2
         os.kill(os.getpid(), signal.SIGINT)
 
     stop_at(monkeypatch, 7, ctrl_c_then_again)

@@ -60,7 +60,10 @@ def test_wandb_offline_writes_a_run_beside_tensorboard(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     main(["fit", *SINUSOID, *logger_config("wandb"), "--model.inner_optimizer.lr=0.0123"])
-    wandb.finish()  # flush and close the run, as the end of a script does
+    wandb.finish()
+    # finish() returns before wandb's service process has written the run's file (a race the test lost on
+    # a busy machine, and on an idle one too); teardown waits for the service to exit, as a script's end does.
+    wandb.teardown()
     (run,) = glob.glob(str(tmp_path / "logs" / "wandb" / "offline-run-*"))
     (log,) = glob.glob(os.path.join(run, "run-*.wandb"))
     written = open(log, "rb").read()

@@ -10,10 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 
 import optuna
 import pytest
 
+import fmaml.sweep
+from fmaml.cli import command_line
 from fmaml.sweep import main, parse_grid, parse_search, short_names, split_values, version_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,6 +147,32 @@ def test_dry_run_prints_the_product(tmp_path, capsys):
     assert not os.listdir(tmp_path)
 
 
+def run_trial_in_process(cmd, log_dir, storage, trial_id, heartbeat):
+    """fmaml.sweep.run_trial without the interpreter start (10+ s of imports each): the trial's `python -m
+    fmaml` command through `command_line` here, its output to <log_dir>/output.log and its exit status as
+    the process's would be. For the tests of what the sweep does with trials; the process itself (Popen,
+    heartbeats while it runs, a killed worker's trial) is what the two-worker and killed-worker tests run."""
+    assert cmd[:3] == [sys.executable, "-m", "fmaml"], cmd
+    os.makedirs(log_dir, exist_ok=True)
+    storage.record_heartbeat(trial_id)
+    start = time.perf_counter()
+    with open(os.path.join(log_dir, "output.log"), "w") as f, redirect_stdout(f), redirect_stderr(f):
+        print(shlex.join(cmd) + "\n", flush=True)
+        try:
+            code = command_line(cmd[3:])
+        except SystemExit as stop:  # as the interpreter turns it into an exit status
+            code = stop.code if isinstance(stop.code, int) else 1
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return code, time.perf_counter() - start
+
+
+@pytest.fixture
+def trials_in_process(monkeypatch):
+    monkeypatch.setattr(fmaml.sweep, "run_trial", run_trial_in_process)
+
+
 def study(tmp_path, name="s"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/sweeps/{name}/optuna.db")
 
@@ -152,11 +182,39 @@ def sweep_process(tmp_path, *args, name="s"):
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+# `python -m fmaml.sweep` whose trials run in its own process (run_trial_in_process): one interpreter start
+# per worker instead of one per trial.
+SWEEP_WITH_TRIALS_IN_PROCESS = f"""
+import sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import fmaml.sweep, test_sweep
+fmaml.sweep.run_trial = test_sweep.run_trial_in_process
+sys.exit(fmaml.sweep.main())
+"""
+
+
+def sweep_process_with_trials_in_process(tmp_path, *args, name="s"):
+    command = [
+        sys.executable,
+        "-c",
+        SWEEP_WITH_TRIALS_IN_PROCESS,
+        "--name",
+        name,
+        "--save-dir",
+        str(tmp_path),
+    ]
+    return subprocess.Popen(
+        [*command, *args, *TINY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
 @pytest.mark.slow
 def test_two_workers_on_one_storage_run_each_grid_point_once(tmp_path):
-    """Two sweep processes started together on the same study: the 4 points run once each, in all."""
+    """Two sweep processes started together on the same study: the 4 points run once each, in all. What
+    is tested is the two processes' coordination through the storage, not how a trial's run starts: the
+    trials run inside their worker (a trial's own process: the killed-worker test)."""
     grid = ["--grid", "model.inner_steps=1,2", "--grid", "model.inner_optimizer.lr=0.01,0.02"]
-    workers = [sweep_process(tmp_path, *grid) for _ in range(2)]
+    workers = [sweep_process_with_trials_in_process(tmp_path, *grid) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     runs = sorted(
@@ -176,7 +234,7 @@ def test_two_workers_on_one_storage_run_each_grid_point_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_search_reports_its_best_trial_from_the_storage(tmp_path, capsys):
+def test_search_reports_its_best_trial_from_the_storage(trials_in_process, tmp_path, capsys):
     code = main(
         ["--name", "s", "--save-dir", str(tmp_path), "--search", "model.inner_optimizer.lr=log:0.001:0.1"]
         + ["--trials", "3", "--seed", "0", "--metric", "val/loss", *TINY]
@@ -199,7 +257,7 @@ def test_search_reports_its_best_trial_from_the_storage(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_failing_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path, capsys):
+def test_a_failing_trial_is_recorded_failed_and_the_sweep_goes_on(trials_in_process, tmp_path, capsys):
     """inner_steps=0 is refused at start-up: that first trial fails, the next one completes."""
     code = main(["--name", "s", "--save-dir", str(tmp_path), "--grid", "model.inner_steps=0,2", *TINY])
     out = capsys.readouterr().out
@@ -219,7 +277,9 @@ def test_a_failing_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path, caps
 
 
 @pytest.mark.slow
-def test_trials_given_a_default_root_dir_are_read_where_their_runs_logged(tmp_path, monkeypatch, capsys):
+def test_trials_given_a_default_root_dir_are_read_where_their_runs_logged(
+    trials_in_process, tmp_path, monkeypatch, capsys
+):
     """`--trainer.default_root_dir R` puts a run's relative logger save_dir inside R: the sweep must read
     the trial's metrics from R/logs/sweeps/..., not from ./logs/sweeps/... where nothing was logged."""
     monkeypatch.chdir(tmp_path)  # the default --save-dir, logs, is relative: the case default_root_dir moves
@@ -252,7 +312,7 @@ def test_trials_given_a_default_root_dir_are_read_where_their_runs_logged(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_trial_behind_the_median_is_pruned_before_its_last_step(tmp_path, capsys):
+def test_a_trial_behind_the_median_is_pruned_before_its_last_step(trials_in_process, tmp_path, capsys):
     """The first trial trains (meta lr 0.01); the second cannot improve (meta lr 0): its first validation
     is behind the first trial's at that step, so it stops there, recorded as pruned."""
     long = ["--trainer.max_steps=20", "--trainer.val_check_interval=5"]
@@ -292,7 +352,7 @@ def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(tmp_path)
         "--trainer.max_time=00:00:00:04",
     ]
     worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a guard against a hang only: a busy machine may take minutes
     while time.time() < deadline:
         time.sleep(0.5)
         try:
