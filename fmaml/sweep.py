@@ -651,7 +651,7 @@ def tell_outcome(
 
 def summarize(plan: Plan, study: optuna.Study) -> int:
     """The table of every trial of the study, also as summary.csv, and a search's best trial. Returns the
-    exit status: 1 while a grid point or trial has failed and not been done since, else 0."""
+    exit status (`exit_status`)."""
     rows = summary_rows(study, plan.names)
     if not rows:
         print("no finished trials yet")
@@ -666,12 +666,16 @@ def summarize(plan: Plan, study: optuna.Study) -> int:
     if plan.search and any(s == "complete" for s in states):
         best = study.best_trial
         print(f"best: trial {best.number}, {plan.args.metric}={best.value:.6g}, {best.params}")
+    return exit_status(study.trials)
+
+
+def exit_status(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """1 while a point (grid point or sampled parameters) has failed and is neither done since nor being
+    run again (its retry queued or running, on any machine: that machine reports how it ends), else 0."""
     State = optuna.trial.TrialState
-    unfinished_points = {
-        point_of(t) for t in study.trials if t.state == State.FAIL and DUPLICATE_OF not in t.user_attrs
-    }
-    done_points = {point_of(t) for t in study.trials if t.state in (State.COMPLETE, State.PRUNED)}
-    return 1 if unfinished_points - done_points else 0
+    failed = {point_of(t) for t in trials if t.state == State.FAIL and DUPLICATE_OF not in t.user_attrs}
+    done_or_under_way = (State.COMPLETE, State.PRUNED, State.RUNNING, State.WAITING)
+    return 1 if failed - {point_of(t) for t in trials if t.state in done_or_under_way} else 0
 
 
 def write_csv(rows: list[dict[str, object]], path: str) -> list[dict[str, object]]:

@@ -372,3 +372,23 @@ def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(tmp_path)
     assert first.state == optuna.trial.TrialState.FAIL
     assert retry.state == optuna.trial.TrialState.COMPLETE
     assert retry.params == first.params
+
+
+def test_a_failed_point_whose_retry_runs_on_another_machine_does_not_fail_this_one():
+    """A worker that ends while another machine runs the retry of a killed trial exits 0: the retry's
+    machine reports how the point ends. Failed and not retried (or its retry failed too): exit 1."""
+    from fmaml.sweep import exit_status
+
+    State = optuna.trial.TrialState
+
+    def trial(state, lr):
+        return optuna.trial.create_trial(
+            params={"lr": lr}, distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 1)},
+            value=1.0 if state == State.COMPLETE else None, state=state,
+        )  # fmt: skip
+
+    failed, other = trial(State.FAIL, 0.1), trial(State.COMPLETE, 0.2)
+    assert exit_status([failed, other]) == 1
+    for retry_state in (State.RUNNING, State.WAITING, State.COMPLETE):
+        assert exit_status([failed, other, trial(retry_state, 0.1)]) == 0
+    assert exit_status([failed, other, trial(State.FAIL, 0.1)]) == 1
