@@ -175,18 +175,23 @@ def test_a_compute_dtype_that_is_not_half_precision_is_refused(bad):
 TINY = ["--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--data.meta_batch_size=4"]
 
 
+def meta_loss_calls(monkeypatch, where: str) -> list[tuple]:
+    """(strategy, compute_dtype) of every meta_loss call through `where`, as they happen."""
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs.get("strategy"), kwargs.get("compute_dtype")))
+        return meta_loss(*args, **kwargs)
+
+    monkeypatch.setattr(where, recording)
+    return calls
+
+
 @pytest.mark.parametrize("strategy", ["vmap", "chunked:2"])
 def test_bf16_mixed_trains_with_vmap_and_chunked(tmp_path, monkeypatch, strategy):
     monkeypatch.chdir(tmp_path)
     fit = ["fit", "--config", config("sinusoid.yaml"), *TINY, "--trainer.max_steps=3"]
-    calls = []
-    original = meta_loss
-
-    def recording(*args, **kwargs):
-        calls.append((kwargs.get("strategy"), kwargs.get("compute_dtype")))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr("fmaml.module.meta_loss", recording)
+    calls = meta_loss_calls(monkeypatch, "fmaml.module.meta_loss")
     cli = main([*fit, "--trainer.precision=bf16-mixed", f"--model.strategy={strategy}"])
     assert cli.trainer.global_step == 3
     assert calls and set(calls) == {(strategy, torch.bfloat16)}
@@ -197,14 +202,7 @@ def test_auto_measures_bf16_candidates(tmp_path, monkeypatch):
     """Under bf16-mixed, auto times every strategy (vmap and chunked too), each in bf16 as it will run."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FMAML_CACHE_DIR", str(tmp_path / "cache"))
-    measured = []
-    original = meta_loss
-
-    def recording(*args, **kwargs):
-        measured.append((kwargs.get("strategy"), kwargs.get("compute_dtype")))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr("fmaml.auto_strategy.meta_loss", recording)
+    measured = meta_loss_calls(monkeypatch, "fmaml.auto_strategy.meta_loss")
     fit = ["fit", "--config", config("sinusoid.yaml"), *TINY, "--trainer.max_steps=1"]
     cli = main([*fit, "--trainer.precision=bf16-mixed", "--model.strategy=auto"])
     assert cli.model.auto_choice["precision"] == "bf16-mixed"
