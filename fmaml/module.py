@@ -117,6 +117,13 @@ class MAML(L.LightningModule):
 
     # None: defer the finite check on accelerators only (see the class docstring); tests force either way.
     defer_finite_check: bool | None = None
+    # The deferred finite check's state, on the device: the meta-step counter and the first non-finite
+    # step (-1 while every meta-loss was finite). Counted there, not copied from the host every step.
+    _device_step: Tensor | None = None
+    _first_nonfinite_step: Tensor | None = None
+    # strategy="auto": {"strategy": ..., "memory": ...} measured on the first meta-batch (or restored).
+    auto_choice: dict[str, str] | None = None
+    checkpoint_step: int | None = None  # the global step of the checkpoint loaded, if any
 
     def __init__(
         self,
@@ -144,90 +151,40 @@ class MAML(L.LightningModule):
         meta_gradient: MetaGradient | None = None,
     ):
         super().__init__()
-        # Fail at start-up, not after data preparation, on settings the engine would reject at step 0.
-        check_steps(inner_steps, "model.inner_steps")
         self.inner_optimizer = from_config(inner_optimizer)
-        if eval_inner_steps is not None:
-            check_steps(eval_inner_steps, "model.eval_inner_steps")
-        if eval_inner_lr is not None:
-            check_lr(eval_inner_lr, "model.eval_inner_lr")
-        check_strategy(strategy, "model.strategy")
-        if memory != "auto":
-            check_memory(memory, adapt_only, "model.memory")
-        if not isinstance(auto_memory_share, int | float) or not 0 < auto_memory_share <= 1:
-            raise ValueError(
-                f"model.auto_memory_share={auto_memory_share!r}: the share of free memory strategy=auto may "
-                "use must be in (0, 1], e.g. 0.5"
-            )
-        _check_options(
-            self.inner_optimizer.learn_lr,
-            eval_inner_lr,
-            msl_anneal_steps,
-            second_order_from_step,
-            first_order,
-        )
-        _check_clip("model.meta_grad_clip_value", meta_grad_clip_value)
-        _check_clip("model.meta_grad_clip_norm", meta_grad_clip_norm)
-        self.save_hyperparameters(
-            ignore=["network", "inner_optimizer", "optimizer", "lr_scheduler", "meta_gradient"]
-        )
+        # Fail at start-up, not after data preparation, on settings the engine would reject at step 0.
+        _check_settings(
+            inner_steps=inner_steps, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr,
+            strategy=strategy, memory=memory, adapt_only=adapt_only, auto_memory_share=auto_memory_share,
+            meta_grad_clip_value=meta_grad_clip_value, meta_grad_clip_norm=meta_grad_clip_norm,
+        )  # fmt: skip
+        _check_options(self.inner_optimizer.learn_lr, eval_inner_lr, msl_anneal_steps, second_order_from_step, first_order)  # fmt: skip
+        self.save_hyperparameters(ignore=["network", "inner_optimizer", "optimizer", "lr_scheduler", "meta_gradient"])  # fmt: skip
         warn_ignored_model_settings(self)
         self.automatic_optimization = False
         self.network = network(num_outputs)
-        if meta_gradient is not None:  # after the network (cheap to build), whose per-step layers it refuses
-            meta_gradient.check(
-                first_order=first_order or second_order_from_step is not None,
-                multi_step_loss=multi_step_loss, adapt_only=adapt_only, memory=memory,
-                learned_lr=self.inner_optimizer.learn_lr != "off",
-                per_step_network=getattr(self.network, "takes_inner_step", False), prefix="model.",
-            )  # fmt: skip
-        self.loss = loss
-        self.strategy = strategy
+        self.loss, self.strategy = loss, strategy
         self.meta_loss = torch.compile(meta_loss) if compile else meta_loss
         self.adapt_only = _adapted_names(self.network, adapt_only)
-        inner_lr = self.inner_optimizer.lr
-        self.train_inner = dict(
-            steps=inner_steps, lr=inner_lr, first_order=first_order, adapt_only=self.adapt_only,
-            inner_optimizer=self.inner_optimizer, meta_gradient=meta_gradient,
-        )  # fmt: skip
-        self.memory, self.auto_memory_share = memory, auto_memory_share
-        # strategy="auto": {"strategy": ..., "memory": ...} measured on the first meta-batch (or restored).
-        self.auto_choice: dict[str, str] | None = None
-        self._auto = auto_strategy.AutoRun.for_settings(strategy, compile)  # refuses compile with auto
-        self.eval_inner = dict(
+        if meta_gradient is not None:  # after the network (cheap to build), whose per-step layers it refuses
+            first_order_anywhere = first_order or second_order_from_step is not None
+            _check_meta_gradient(meta_gradient, self, first_order_anywhere, multi_step_loss, memory)
+        inner = dict(adapt_only=self.adapt_only, inner_optimizer=self.inner_optimizer, meta_gradient=meta_gradient)  # fmt: skip
+        self.train_inner = inner | dict(steps=inner_steps, lr=self.inner_optimizer.lr, first_order=first_order)  # fmt: skip
+        # Evaluation: its own steps and rate where given; the meta_gradient for iMAML's proximal term.
+        self.eval_inner = inner | dict(
             steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
-            lr=inner_lr if eval_inner_lr is None else eval_inner_lr,
-            adapt_only=self.adapt_only,
-            inner_optimizer=self.inner_optimizer,
-            meta_gradient=meta_gradient,  # for iMAML's proximal term, evaluation adapts with it too
+            lr=self.inner_optimizer.lr if eval_inner_lr is None else eval_inner_lr,
         )
-        self.multi_step_loss = multi_step_loss
-        self.msl_anneal_steps = msl_anneal_steps
+        self.memory, self.auto_memory_share = memory, auto_memory_share
+        self._auto = auto_strategy.AutoRun.for_settings(strategy, compile)  # refuses compile with auto
+        self.multi_step_loss, self.msl_anneal_steps = multi_step_loss, msl_anneal_steps
         self.second_order_from_step = second_order_from_step
-        # Learned rates, only for the adapted parameters. ParameterDict keys cannot hold dots.
-        self._rate_keys = {
-            name: name.replace(".", "-")
-            for name, _ in self.network.named_parameters()
-            if self.adapt_only is None or name in self.adapt_only
-        }
-        self.inner_lrs = None
-        if self.inner_optimizer.learn_lr != "off":
-            parameters = dict(self.network.named_parameters())
-            adapted = {name: parameters[name] for name in self._rate_keys}
-            rates = learned_rate_tensors(self.inner_optimizer, adapted, inner_steps)
-            self.inner_lrs = nn.ParameterDict(
-                {self._rate_keys[name]: nn.Parameter(rate) for name, rate in rates.items()}
-            )
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        self._rate_keys, self.inner_lrs = _learned_inner_lrs(self.network, self.adapt_only, self.inner_optimizer, inner_steps)  # fmt: skip
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.per_task_csv = per_task_csv
         self.meta_grad_clip = dict(value=meta_grad_clip_value, norm=meta_grad_clip_norm)
         self._task_metrics: list[dict[str, Tensor]] = []  # this evaluation epoch's, batch by batch
-        # The deferred finite check's state, on the device: the meta-step counter and the first non-finite
-        # step (-1 while every meta-loss was finite). Counted there, not copied from the host every step.
-        self._device_step: Tensor | None = None
-        self._first_nonfinite_step: Tensor | None = None
-        self.checkpoint_step: int | None = None  # the global step of the checkpoint loaded, if any
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.checkpoint_step = checkpoint.get("global_step")
@@ -669,6 +626,61 @@ def _check_clip(name: str, value) -> None:
             f"{name}={value!r}: a meta-gradient clipping threshold must be a positive finite number, e.g. "
             "10.0; leave it unset (null) for no clipping"
         )
+
+
+def _check_meta_gradient(
+    meta_gradient: MetaGradient, module: MAML, first_order: bool, multi_step_loss: bool, memory: str
+) -> None:
+    """iMAML/Reptile refuse what they cannot honour, the module's ANIL, learned rates and per-step network
+    among it."""
+    meta_gradient.check(
+        first_order=first_order, multi_step_loss=multi_step_loss, memory=memory, adapt_only=module.adapt_only,
+        learned_lr=module.inner_optimizer.learn_lr != "off",
+        per_step_network=getattr(module.network, "takes_inner_step", False), prefix="model.",
+    )  # fmt: skip
+
+
+def _check_settings(
+    *,
+    inner_steps,
+    eval_inner_steps,
+    eval_inner_lr,
+    strategy,
+    memory,
+    adapt_only,
+    auto_memory_share,
+    meta_grad_clip_value,
+    meta_grad_clip_norm,
+) -> None:
+    """The settings the engine would reject at its first step, named as the config names them."""
+    _check_clip("model.meta_grad_clip_value", meta_grad_clip_value)
+    _check_clip("model.meta_grad_clip_norm", meta_grad_clip_norm)
+    check_steps(inner_steps, "model.inner_steps")
+    if eval_inner_steps is not None:
+        check_steps(eval_inner_steps, "model.eval_inner_steps")
+    if eval_inner_lr is not None:
+        check_lr(eval_inner_lr, "model.eval_inner_lr")
+    check_strategy(strategy, "model.strategy")
+    if memory != "auto":
+        check_memory(memory, adapt_only, "model.memory")
+    if not isinstance(auto_memory_share, int | float) or not 0 < auto_memory_share <= 1:
+        raise ValueError(
+            f"model.auto_memory_share={auto_memory_share!r}: the share of free memory strategy=auto may "
+            "use must be in (0, 1], e.g. 0.5"
+        )
+
+
+def _learned_inner_lrs(
+    network: nn.Module, adapt_only: list[str] | None, inner_optimizer, inner_steps: int
+) -> tuple[dict[str, str], nn.ParameterDict | None]:
+    """The learned inner rates, for the adapted parameters only: ({param name: its key}, the rates by key,
+    or None when the inner optimizer learns none). ParameterDict keys cannot hold dots."""
+    parameters = dict(network.named_parameters())
+    keys = {name: name.replace(".", "-") for name in parameters if adapt_only is None or name in adapt_only}
+    if inner_optimizer.learn_lr == "off":
+        return keys, None
+    rates = learned_rate_tensors(inner_optimizer, {name: parameters[name] for name in keys}, inner_steps)
+    return keys, nn.ParameterDict({keys[name]: nn.Parameter(rate) for name, rate in rates.items()})
 
 
 def _clip_meta_gradient(optimizer: torch.optim.Optimizer, value: float | None, norm: float | None) -> None:
