@@ -318,6 +318,24 @@ def _task_loss_and_grads_with_rates(
     return grads, value, metrics
 
 
+def _task_loss_and_grads_by_autograd(
+    inputs: tuple[Params, list[Tensor]], buffers: Params, task: Tasks, *, with_rates: Callable, **config
+) -> tuple[tuple[Params, list[Tensor]], Tensor, dict]:
+    """`_task_loss_and_grads_with_rates` by plain `torch.autograd.grad`: the same function and the same
+    result, for the loop strategy. With no vmap around it, the batch_norm bug cannot arise, and
+    torch.func's transform layers only cost time: 1.2x (1 inner step) to 1.4x (5 steps) per meta-batch on
+    the Omniglot ConvNet (benchmarks/bench_vs_higher.py --engines fmaml_loop)."""
+    params = {name: p.detach().requires_grad_() for name, p in inputs[0].items()}
+    rates = [rate.detach().requires_grad_() for rate in inputs[1]]
+    with torch.enable_grad():
+        value, metrics = task_loss(params, buffers, task, **(config | {"lr": with_rates(rates)}))
+        leaves = [*params.values(), *rates]
+        grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
+    param_grads = dict(zip(params, grads[: len(params)], strict=True))
+    return (param_grads, grads[len(params) :]), value.detach(), tree_map(Tensor.detach, metrics)
+
+
 def _learned_rates(lr: InnerLR) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], InnerLR]]:
     """The learned inner rates (the tensors of `lr` that require grad), and the function that rebuilds
     `lr` with other tensors in their places, in the same order."""
@@ -568,18 +586,21 @@ def meta_loss(
         return metrics["loss"].mean(), metrics
     # Detached inputs: the gradient reaches params (and rates) only through _ExactMetaLoss, never twice.
     detached = ({name: p.detach() for name, p in params.items()}, [rate.detach() for rate in learned])
-    per_task = _per_task_meta_gradient(config, memory, meta_gradient, with_rates)
+    per_task = _per_task_meta_gradient(config, memory, meta_gradient, with_rates, strategy)
     (grads, rate_grads), values, metrics = _mean_over_tasks(per_task, detached, buffers, tasks, strategy)
     mean_grads = (*(grads[name] for name in names), *rate_grads)
     inputs = (*(params[name] for name in names), *learned)
     return _ExactMetaLoss.apply(values.mean(), mean_grads, *inputs), metrics
 
 
-def _per_task_meta_gradient(config: dict, memory: str, meta_gradient, with_rates: Callable) -> Callable:
+def _per_task_meta_gradient(
+    config: dict, memory: str, meta_gradient, with_rates: Callable, strategy: str
+) -> Callable:
     """One task's meta-gradient as a function of ((params, learned rates), buffers, task), returning
     ((param grads, rate grads), query loss, metrics), by one of three ideas: differentiate through the
     inner loop with every step's graph stored (memory="store"), or recomputed one step at a time on the way
-    back (memory="recompute"), or a `meta_gradient` that does not differentiate through it (iMAML, Reptile)."""
+    back (memory="recompute"), or a `meta_gradient` that does not differentiate through it (iMAML, Reptile).
+    The loop takes the stored one by plain autograd (`_task_loss_and_grads_by_autograd`), its fast form."""
     if meta_gradient is not None:
 
         def per_task(inputs: tuple[Params, list[Tensor]], buffers: Params, task: Tasks):
@@ -594,9 +615,10 @@ def _per_task_meta_gradient(config: dict, memory: str, meta_gradient, with_rates
             return task_loss_and_grad_recompute(params, buffers, task, learned_rates=rates, **recompute)
 
     else:
+        stored = _task_loss_and_grads_by_autograd if strategy == "loop" else _task_loss_and_grads_with_rates
 
         def per_task(inputs: tuple[Params, list[Tensor]], buffers: Params, task: Tasks):
-            return _task_loss_and_grads_with_rates(inputs, buffers, task, with_rates=with_rates, **config)
+            return stored(inputs, buffers, task, with_rates=with_rates, **config)
 
     return per_task
 
