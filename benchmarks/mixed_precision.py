@@ -129,7 +129,7 @@ def train(out: Path, steps: int, meta_batch: int, core: int | None, strategy: st
         sys.exit("set FMAML_DATA_ROOT to the folder holding omniglot/ (the two official zips)")
     out.mkdir(parents=True, exist_ok=True)
     common = [
-        "--config", "configs/omniglot.yaml", f"--model.strategy={strategy}", f"--trainer.max_steps={steps}",
+        "--config", "configs/omniglot.yaml", f"--model.execution.strategy={strategy}", f"--trainer.max_steps={steps}",
         f"--data.meta_batch_size={meta_batch}", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={out / 'logs'}",
     ]  # fmt: skip
@@ -140,7 +140,7 @@ def train(out: Path, steps: int, meta_batch: int, core: int | None, strategy: st
         ckpt = out / "logs" / name / "version_0" / "checkpoints" / "last.ckpt"
         fit = [sys.executable, "-m", "fmaml", "fit", *run]
         test = [sys.executable, "-m", "fmaml", "test", *run, f"--ckpt_path={ckpt}", "--trainer.logger=false"]
-        test += [f"--model.per_task_csv={out / (name + '_test.csv')}"]
+        test += [f"--per_task_csv.path={out / (name + '_test.csv')}"]
         pinned = str(i if core is None else core)
         script = " && ".join(subprocess.list2cmdline(["taskset", "-c", pinned, *c]) for c in (fit, test))
         log = open(out / f"{name}.log", "w")  # noqa: SIM115 (closed when the process ends)
@@ -188,7 +188,7 @@ def main() -> None:
     training.add_argument("--steps", type=int, default=300)
     training.add_argument("--meta-batch", type=int, default=8)
     training.add_argument("--core", type=int, help="run both on this core, one after the other")
-    training.add_argument("--strategy", default="vmap", help="model.strategy of both runs")
+    training.add_argument("--strategy", default="vmap", help="model.execution.strategy of both runs")
     args = parser.parse_args()
     if args.command == "gradient":
         gradient(

@@ -6,7 +6,7 @@
     uv run python benchmarks/paper_table.py --report     # the README's rows, from the JSON
 
 Each row trains a fixed number of steps (never a time limit, so the result does not depend on the
-machine's load), then each test writes its per-task metrics (`--model.per_task_csv`); the mean and the 95%
+machine's load), then each test writes its per-task metrics (`--per_task_csv.path`); the mean and the 95%
 confidence interval are computed from that CSV with the same function `fmaml test` prints. The training
 wall time is the `fit` process's, start to exit (data loading and validation included), so it is a
 property of the machine at the time, recorded beside the thread count and the note.
@@ -34,28 +34,28 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from fmaml.module import ci95_half_width  # noqa: E402  (the repository's own CI, as `fmaml test` prints it)
+from fmaml.task_metrics import ci95_half_width  # noqa: E402  (the repository's own CI, as `fmaml test` prints it)
 
 QUIET = ["--trainer.enable_progress_bar=false"]
 # The MLP's engine: what `strategy=auto` picks for it on this CPU; fixed so no run spends its first step
 # measuring, nor reads another run's cached choice.
-SINUSOID = ["--config", "configs/sinusoid.yaml", "--model.strategy=vmap"]
+SINUSOID = ["--config", "configs/sinusoid.yaml", "--model.execution.strategy=vmap"]
 # Omniglot 5-way 1-shot on the paper's split with 1 query example per class, as the paper's code samples;
 # the loop engine, as benchmarks/recipes.py fixes it, for the same reason.
 OMNIGLOT = [
     "--config",
     "configs/omniglot_5w1s.yaml",
     "--data.dataset.init_args.split=paper",
-    "--model.strategy=loop",
+    "--model.execution.strategy=loop",
 ]
 ROWS: dict[str, dict] = {
     **{
         f"sinusoid_K{k}": {
             # Compiled for training only: over 70,000 steps the compiled step (several times faster than
             # eager in benchmarks/results/cpu.json) repays its compilation; a 600-task test would not.
-            "fit": [*SINUSOID, f"--data.shots={k}", "--model.compile=true"],
+            "fit": [*SINUSOID, f"--data.shots={k}", "--model.execution.compile=true"],
             "tests": {
-                f"steps={steps}": [*SINUSOID, f"--data.shots={k}", f"--model.eval_inner_steps={steps}"]
+                f"steps={steps}": [*SINUSOID, f"--data.shots={k}", f"--model.inner_loop.eval_steps={steps}"]
                 for steps in (1, 5, 10)
             },
         }
@@ -138,7 +138,7 @@ def run_row(name: str, work: Path, extra_fit: list[str]) -> dict:
     }
     for label, args in row["tests"].items():
         per_task = work / f"{name}_test_{label.replace('=', '')}.csv"
-        test_args = [*args, f"--ckpt_path={ckpt}", f"--model.per_task_csv={per_task}", *QUIET]
+        test_args = [*args, f"--ckpt_path={ckpt}", f"--per_task_csv.path={per_task}", *QUIET]
         test_args += _logger(work, f"{name}_test")
         test_seconds = _fmaml("test", test_args, work / f"{name}_test_{label.replace('=', '')}.log")
         result["tests"][label] = {

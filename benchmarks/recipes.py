@@ -41,7 +41,7 @@ COMMON = [
     "--trainer.enable_progress_bar=false",
     # One engine for all: `auto` would spend its first step measuring candidates (a minute on one thread,
     # counted as training time); on this CPU's ConvNets it picks the loop or a chunked vmap within ~10%.
-    "--model.strategy=loop",
+    "--model.execution.strategy=loop",
 ]
 # MAML++'s schedules are lengths in steps (cosine over max_steps, multi-step-loss annealing, first order
 # until a step); its paper's 50,000 steps would leave all three at their start in a 20-minute run, so they
@@ -57,7 +57,7 @@ REPTILE_STEPS = 4200
 RECIPES: dict[str, dict] = {
     "maml": {"args": ["--config", "configs/omniglot_5w1s.yaml"], "label": "MAML"},
     "fomaml": {
-        "args": ["--config", "configs/omniglot_5w1s.yaml", "--model.first_order=true"],
+        "args": ["--config", "configs/omniglot_5w1s.yaml", "--model.inner_loop.first_order=true"],
         "label": "first-order MAML",
     },
     "mamlpp": {
@@ -66,8 +66,8 @@ RECIPES: dict[str, dict] = {
             "configs/omniglot_mamlpp.yaml",
             *TASK_5W1S,
             f"--trainer.max_steps={MAMLPP_STEPS}",
-            f"--model.msl_anneal_steps={MAMLPP_STEPS // 10}",
-            f"--model.second_order_from_step={MAMLPP_STEPS // 2}",
+            f"--model.meta_objective.msl_anneal_steps={MAMLPP_STEPS // 10}",
+            f"--model.inner_loop.second_order_from_step={MAMLPP_STEPS // 2}",
         ],
         "label": "MAML++",
     },
@@ -78,9 +78,9 @@ RECIPES: dict[str, dict] = {
         "args": [
             "--config",
             "configs/omniglot_5w1s.yaml",
-            "--model.inner_optimizer=fmaml.inner_optimizers.SGD",
-            "--model.inner_optimizer.lr=0.4",
-            "--model.inner_optimizer.learn_lr=per_parameter",
+            "--model.inner_loop.optimizer=fmaml.inner_optimizers.SGD",
+            "--model.inner_loop.optimizer.lr=0.4",
+            "--model.inner_loop.optimizer.learn_lr=per_parameter",
         ],
         "label": "Meta-SGD",
     },
@@ -95,8 +95,8 @@ RECIPES: dict[str, dict] = {
         "args": [
             "--config",
             "configs/omniglot_5w1s.yaml",
-            "--model.inner_optimizer=torch.optim.Adam",
-            "--model.inner_optimizer.lr=0.001",
+            "--model.inner_loop.optimizer=torch.optim.Adam",
+            "--model.inner_loop.optimizer.lr=0.001",
         ],  # fmt: skip
         "label": "MAML, Adam inner loop",
     },
@@ -142,8 +142,8 @@ def fit_command(name: str, out: Path, budget_minutes: float) -> list[str]:
 def test_command(name: str, out: Path, eval_steps: int) -> list[str]:
     return [
         sys.executable, "-m", "fmaml", "test", *RECIPES[name]["args"], *COMMON,
-        f"--ckpt_path={checkpoint(name, out)}", f"--model.eval_inner_steps={eval_steps}",
-        f"--model.per_task_csv={test_csv(name, out, eval_steps)}", "--trainer.logger=false",
+        f"--ckpt_path={checkpoint(name, out)}", f"--model.inner_loop.eval_steps={eval_steps}",
+        f"--per_task_csv.path={test_csv(name, out, eval_steps)}", "--trainer.logger=false",
     ]  # fmt: skip
 
 

@@ -99,7 +99,7 @@ def bare_step_times(cli: MAMLCLI, batches: list[dict], warmup: int) -> list[floa
             batch,
             model=network,
             loss=module.loss,
-            strategy=module.strategy,
+            strategy=module.execution.strategy,
             metrics_before=False,  # as training_step on the steps that write no logs
             **module.train_inner,
         )

@@ -105,16 +105,16 @@ class Choice:
         )
 
 
-def check_compile(strategy: str, compile: bool) -> None:
-    """Refuse model.compile with strategy="auto" at start-up. Auto times the eager meta-loss, so its choice
+def check_compile(strategy: str, compile: bool, prefix: str = "model.execution.") -> None:
+    """Refuse compile with strategy="auto" at start-up. Auto times the eager meta-loss, so its choice
     would describe another program than the compiled one that runs; measuring what runs would cost a
     compile per candidate (tens of seconds to minutes each, where a compile hangs for minutes on CPU conv
     nets): a fixed strategy is the honest and cheap way to compile."""
     if compile and strategy == "auto":
         raise ValueError(
-            "model.compile=true with model.strategy=auto: auto measures the strategies uncompiled, so its "
-            "choice would not describe the compiled meta-loss that runs. Give a fixed strategy with compile, "
-            "e.g. --model.strategy=vmap (chunked:N or loop), or drop --model.compile"
+            f"{prefix}compile=true with {prefix}strategy=auto: auto measures the strategies uncompiled, so "
+            "its choice would not describe the compiled meta-loss that runs. Give a fixed strategy with "
+            f"compile, e.g. --{prefix}strategy=vmap (chunked:N or loop), or drop --{prefix}compile"
         )
 
 
@@ -269,7 +269,7 @@ def choose(
             f"strategy=auto: no strategy fits the memory budget of {budget / 2**20:.0f} MB "
             f"({memory_share:.0%} of free memory); the smallest, {smallest['strategy']} with "
             f"memory={smallest['memory']}, needs about {smallest['predicted_bytes'] / 2**20:.0f} MB. Lower "
-            "data.meta_batch_size or raise model.auto_memory_share"
+            "data.meta_batch_size or raise model.execution.auto_memory_share"
         )
     best = min(fitting, key=lambda r: r["seconds"])
     choice = Choice(
@@ -317,7 +317,7 @@ def _measure(params, buffers, tasks, config, memories, budget) -> list[dict]:
 def _budget_change(cached: Choice, budget: int) -> str:
     """Why a cached choice does not hold under the current `budget` ("" if it does): every candidate must
     fit it, or not, as it fitted the budget it was measured under. A lower budget may exclude the choice
-    (after running out of memory, a lower model.auto_memory_share must take effect); a higher one may admit
+    (after running out of memory, a lower model.execution.auto_memory_share must take effect); a higher one may admit
     a faster candidate."""
     for row in cached.candidates:
         fits_now = row["predicted_bytes"] <= budget
@@ -380,24 +380,6 @@ class StepCheck:
         )
 
 
-@dataclass
-class AutoRun:
-    """strategy="auto" over one run of the app (fmaml.module.MAML): a checkpoint's choice not yet checked
-    against this run, and the check of a cached choice against the first real meta-steps."""
-
-    restored: dict | None = None
-    check: StepCheck | None = None
-
-    @classmethod
-    def for_settings(cls, strategy: str, compile: bool) -> AutoRun:
-        check_compile(strategy, compile)
-        return cls()
-
-    def watch(self, predicted_seconds: float | None, device: torch.device) -> None:
-        """Check the next real meta-steps against `predicted_seconds` (None: a fresh measurement, no check)."""
-        self.check = None if predicted_seconds is None else StepCheck(predicted_seconds, device)
-
-
 def device_name(device: torch.device) -> str:
     """The device a choice was measured on, as a checkpoint records it: its type, and the model on CUDA."""
     return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
@@ -409,7 +391,7 @@ def restored_problem(saved: dict, *, memories, device, precision: str | None, me
     predicted peak over today's budget."""
     if saved.get("memory") not in memories:
         return (
-            f"it runs memory={saved.get('memory')}, which this run's model.memory and model.adapt_only "
+            f"it runs memory={saved.get('memory')}, which this run's model.execution.memory and model.inner_loop.adapt_only "
             f"exclude (allowed: {', '.join(memories)})"
         )
     if "device" not in saved or "precision" not in saved:

@@ -16,6 +16,8 @@
 - `SaveRunConfig`: the run's config in its log folder and inside every checkpoint, so a resume or a test
   can be checked against the settings that trained it (fmaml.runs). It never overwrites a config.yaml: a
   resumed run's command is saved beside it as config-1.yaml, config-2.yaml, ...
+- `PerTaskCSV`: `test` also writes every test task's metrics to `--per_task_csv.path` (one row per task, in
+  task order, from every DDP process), to compare two models task by task.
 - `LearningRateMonitor`: Lightning's, except that without a logger (`--trainer.logger=false`) it does nothing
   instead of refusing to start.
 """
@@ -35,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from fmaml.private_apis import logging_step
 from fmaml.runs import RUN_KEY, flatten
+from fmaml.task_metrics import write_csv
 from fmaml.trial_attrs import PRUNED_AT, RUN_LOG_DIR
 
 # A SIGINT this soon after the first is the same Ctrl-C delivered again, not a second press: without a
@@ -200,6 +203,18 @@ class SaveRunConfig(SaveConfigCallback):
 def config_dict(parser, config) -> dict:
     """A parsed config as plain data, as config.yaml holds it."""
     return yaml.safe_load(parser.dump(config, skip_none=False))
+
+
+class PerTaskCSV(callbacks.Callback):
+    """path: the CSV `test` writes its per-task metrics to (None: none). The module's `test_tasks` holds
+    them, gathered over the processes, once its test epoch ends."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if self.path and trainer.is_global_zero:
+            write_csv(self.path, pl_module.test_tasks)
 
 
 class LearningRateMonitor(callbacks.LearningRateMonitor):

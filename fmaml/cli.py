@@ -34,7 +34,14 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from fmaml import runs
-from fmaml.callbacks import Checkpoint, LearningRateMonitor, SaveRunConfig, TrainingTime, config_dict
+from fmaml.callbacks import (
+    Checkpoint,
+    LearningRateMonitor,
+    PerTaskCSV,
+    SaveRunConfig,
+    TrainingTime,
+    config_dict,
+)
 from fmaml.data import MetaDataModule
 from fmaml.module import MAML
 from fmaml.private_apis import subcommand_parser
@@ -72,6 +79,7 @@ class MAMLCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(TrainingTime, "training_time")
+        parser.add_lightning_class_args(PerTaskCSV, "per_task_csv")
 
     def _parse_ckpt_path(self) -> None:
         """Off: the command's settings run, checked against the checkpoint's in before_instantiate_classes."""
@@ -217,7 +225,7 @@ def _check_gradient_clipping(config) -> None:
         by = "value" if config.trainer.get("gradient_clip_algorithm") == "value" else "norm"
         raise ValueError(
             f"trainer.gradient_clip_val={value}: Lightning cannot clip fmaml's manual meta-optimization; "
-            f"use --model.meta_grad_clip_{by}={value} instead"
+            f"use --model.meta_objective.clip_{by}={value} instead"
         )
 
 
@@ -290,24 +298,30 @@ def main(
         )
 
 
-# Settings an older fmaml took, and what a config says now.
-RENAMED = {
-    "inner_lr": "model.inner_optimizer.init_args.lr (the inner optimizer: `class_path: torch.optim.SGD`, "
-    "`init_args: {lr: 0.4}`)",
-    "learn_inner_lr": "model.inner_optimizer.init_args.learn_lr, with `class_path: fmaml.inner_optimizers.SGD` "
-    "(or Adam, ...)",
+# What a renamed setting also needs, beyond its new name.
+RENAMED_ALSO = {
+    "model.inner_lr": " (the inner optimizer: `class_path: torch.optim.SGD`, `init_args: {lr: 0.4}`)",
+    "model.learn_inner_lr": ", with `class_path: fmaml.inner_optimizers.SGD` (or Adam, ...)",
 }
-RENAMED_SETTING = re.compile(r"model\.(inner_lr|learn_inner_lr)\b")
+
+
+def _renamed_hint(message: str) -> str | None:
+    """A setting an older fmaml took, named in a rejected command line or config, and its name today."""
+    for old, new in runs.RENAMED.items():
+        name = old.removeprefix("model.")
+        if re.search(rf"model\.{name}\b|nested key '{name}'", message):
+            return f"{old} is now {new}{RENAMED_ALSO.get(old, '')}"
+    return None
 
 
 def _own_message(message: str) -> str:
-    """fmaml's own line out of jsonargparse's report on a union-typed setting (`--model.inner_optimizer`,
-    InnerOptimizer | OptimizerCallable; `--model.meta_gradient`, MetaGradient | None: it lists why each type
+    """fmaml's own line out of jsonargparse's report on a union-typed setting (`--model.inner_loop.optimizer`,
+    InnerOptimizer | OptimizerCallable; `--model.meta_objective.meta_gradient`, MetaGradient | None: it lists why each type
     refused the value), else `message`."""
-    if own := re.search(r"model\.inner_optimizer \(\w+\): [^\n]*", message):
+    if own := re.search(r"model\.inner_loop\.optimizer \(\w+\): [^\n]*", message):
         return own[0]
     if own := re.search(r"(?<![\w.])meta_gradient\.\w+=[^\n]*", message):
-        return "model." + own[0]
+        return "model.meta_objective." + own[0]
     return message
 
 
@@ -334,8 +348,8 @@ def command_line(args: list[str] | None = None) -> int:
         # A value fmaml refused, wrapped by jsonargparse, is no usage error: the same as from torch.optim.
         usage = isinstance(error, ArgumentError) and message == str(error)
         hint = "--help lists every setting" if usage else f"{DEBUG_ENV}=1 shows the traceback"
-        if usage and (renamed := RENAMED_SETTING.search(str(error))):
-            hint = f"model.{renamed[1]} is now {RENAMED[renamed[1]]}"
+        if usage and (renamed := _renamed_hint(str(error))):
+            hint = renamed
         print(f"({hint})", file=sys.stderr)
         return 2 if usage else 1
     return 0

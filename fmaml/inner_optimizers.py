@@ -121,7 +121,7 @@ class InnerOptimizer:
 
     def _check(self, lr, learn_lr, hyper) -> None:
         """torch's own checks of the same arguments (momentum in [0, 1), betas, eps, ...), plus a rate > 0."""
-        where = f"model.inner_optimizer ({type(self).__name__})"
+        where = f"model.inner_loop.optimizer ({type(self).__name__})"
         if isinstance(lr, bool) or not isinstance(lr, int | float) or not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"{where}: lr={lr!r}: the inner learning rate must be a finite number > 0")
         if learn_lr not in ("off", "per_parameter", "per_layer_per_step"):
@@ -333,7 +333,7 @@ SUPPORTED: dict[type[torch.optim.Optimizer], type[InnerOptimizer]] = {
 }
 
 
-def from_config(value, name: str = "model.inner_optimizer") -> InnerOptimizer:
+def from_config(value, name: str = "model.inner_loop.optimizer") -> InnerOptimizer:
     """An `InnerOptimizer`, from one or from what LightningCLI makes of `class_path: torch.optim.X`
     (a callable that builds the optimizer from parameters): torch builds it on a dummy parameter, which
     checks the arguments and fills in torch's defaults, and the same arguments build fmaml's equivalent."""

@@ -13,7 +13,7 @@ with the steps. These two do not:
   meta-optimizer is θ - φ (the meta-batch's mean of it), so that SGD at rate ε moves θ toward the tasks'
   solutions, θ <- θ + ε (φ̄ - θ), the paper's update.
 
-Each is a small config object (`model.meta_gradient: {class_path: fmaml.meta_gradients.Implicit,
+Each is a small config object (`model.meta_objective.meta_gradient: {class_path: fmaml.meta_gradients.Implicit,
 init_args: {lam: 2.0, cg_steps: 5}}`) with the per-task function `task_loss_and_grad(params, buffers, task,
 **config)` -> (grads, query loss, metrics), the shape of fmaml.maml.task_loss_and_grad: `meta_loss(...,
 meta_gradient=...)` maps it over the tasks by the same strategies (vmap, loop, chunked:N). `check` refuses,
@@ -43,7 +43,7 @@ from fmaml.maml import (
 
 class MetaGradient:
     """A meta-gradient not taken through the inner loop (iMAML's, Reptile's): the base of the classes
-    `model.meta_gradient` takes. What they share: no graph through the inner steps, hence none of MAML's
+    `model.meta_objective.meta_gradient` takes. What they share: no graph through the inner steps, hence none of MAML's
     options that presuppose one."""
 
     proximal = 0.0

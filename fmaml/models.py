@@ -142,12 +142,12 @@ def _check_per_step(steps, running_stats) -> None:
         raise ValueError(
             f"model.network.init_args.per_step_batch_norm={steps!r}: give the number of inner steps with "
             "their own BatchNorm weight and bias, an integer >= 0 (0: one for all steps, MAML's; MAML++: "
-            "model.inner_steps)"
+            "model.inner_loop.steps)"
         )
     if running_stats and not steps:
         raise ValueError(
             f"model.network.init_args.per_step_running_stats={running_stats!r} needs per-step BatchNorm: "
-            "set per_step_batch_norm to the inner steps (e.g. model.inner_steps), or drop per_step_running_stats"
+            "set per_step_batch_norm to the inner steps (e.g. model.inner_loop.steps), or drop per_step_running_stats"
         )
 
 

@@ -19,19 +19,17 @@ import os
 import torch
 import yaml
 
+from fmaml.settings import FLAT_NAMES
+
 # Where a checkpoint keeps the config of the command that wrote it and its log folder
 # (fmaml.callbacks.SaveRunConfig writes it).
 RUN_KEY = "fmaml_run"
 
 # Settings that change how a model is run or evaluated, never what is trained.
 EXECUTION_ONLY = (
-    "model.eval_inner_steps",
-    "model.eval_inner_lr",
-    "model.strategy",
-    "model.memory",
-    "model.auto_memory_share",
-    "model.compile",
-    "model.per_task_csv",
+    "model.inner_loop.eval_steps",
+    "model.inner_loop.eval_lr",
+    "model.execution",
     "data.num_workers",
     "data.root",
     "data.num_val_tasks",
@@ -39,7 +37,7 @@ EXECUTION_ONLY = (
     "data.seed",
 )
 # The checkpoint's tensors are these settings' network: an evaluation cannot change them.
-NETWORK = ("model.network", "model.inner_optimizer.init_args.learn_lr", "data.ways")
+NETWORK = ("model.network", "model.inner_loop.optimizer.init_args.learn_lr", "data.ways")
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -81,15 +79,30 @@ def run_config(ckpt_path: str) -> tuple[dict | None, str]:
     return None, f"{ckpt_path} stores no config and has no config.yaml two folders up"
 
 
-INNER = "model.inner_optimizer"
-# Settings of runs written before fmaml's inner optimizers, in today's names.
-RENAMED = {"model.inner_lr": f"{INNER}.init_args.lr", "model.learn_inner_lr": f"{INNER}.init_args.learn_lr"}
+INNER = "model.inner_loop.optimizer"
+# Settings of runs written before today's names: before fmaml's inner optimizers (the first two), and
+# before MAML's settings were grouped (fmaml.settings), by their flat name (a key, or a prefix of keys).
+RENAMED = {
+    "model.inner_lr": f"{INNER}.init_args.lr",
+    "model.learn_inner_lr": f"{INNER}.init_args.learn_lr",
+    "model.per_task_csv": "per_task_csv.path",
+    **{f"model.{old}": f"model.{group}.{name}" for old, (group, name) in FLAT_NAMES.items()},
+}
+
+
+def renamed(key: str) -> str:
+    """A setting's name today: `model.inner_steps` -> `model.inner_loop.steps`,
+    `model.inner_optimizer.init_args.lr` -> `model.inner_loop.optimizer.init_args.lr`."""
+    for old, new in RENAMED.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old) :]
+    return key
 
 
 def comparable(flat: dict) -> dict:
-    """`flat` with equal settings spelled alike: old names renamed (an old run's inner loop was plain SGD),
+    """`flat` with equal settings spelled alike: old names renamed (`renamed`; an old run's inner loop was plain SGD),
     torch.optim's class paths as fmaml's equivalents (the ones that run), and no learn_lr as "off"."""
-    flat = {RENAMED.get(key, key): value for key, value in flat.items()}
+    flat = {renamed(key): value for key, value in flat.items()}
     if f"{INNER}.init_args.lr" in flat:
         path = str(flat.get(f"{INNER}.class_path", "fmaml.inner_optimizers.SGD"))
         flat[f"{INNER}.class_path"] = "fmaml.inner_optimizers." + path.rsplit(".", 1)[-1]

@@ -41,44 +41,45 @@ def _changed(owner: type, settings: dict, name: str) -> bool:
 
 def warn_ignored_model_settings(module) -> None:
     """fmaml.module.MAML's settings that contradict one another; called from its __init__."""
-    hp = module.hparams
-    if _changed(type(module), hp, "msl_anneal_steps") and not hp.multi_step_loss:
+    inner, objective, execution = module.inner_loop, module.meta_objective, module.execution
+    if _changed(type(objective), vars(objective), "msl_anneal_steps") and not objective.multi_step_loss:
         warn_ignored(
-            "model.msl_anneal_steps",
-            hp.msl_anneal_steps,
-            "has no effect: model.multi_step_loss is false (set it to true to anneal the multi-step loss)",
+            "model.meta_objective.msl_anneal_steps",
+            objective.msl_anneal_steps,
+            "has no effect: model.meta_objective.multi_step_loss is false (set it to true to anneal the "
+            "multi-step loss)",
         )
-    if hp.multi_step_loss and hp.inner_steps == 1:
+    if objective.multi_step_loss and inner.steps == 1:
         warn_ignored(
-            "model.multi_step_loss",
+            "model.meta_objective.multi_step_loss",
             True,
-            "has no effect with model.inner_steps=1: the loss after the only inner step is the loss MAML "
+            "has no effect with model.inner_loop.steps=1: the loss after the only inner step is the loss MAML "
             "trains on anyway",
         )
-    if _changed(type(module), hp, "auto_memory_share") and hp.strategy != "auto":
+    if _changed(type(execution), vars(execution), "auto_memory_share") and execution.strategy != "auto":
         warn_ignored(
-            "model.auto_memory_share",
-            hp.auto_memory_share,
-            f"has no effect: only model.strategy=auto measures against a memory budget, and the strategy is "
-            f"fixed ({hp.strategy})",
+            "model.execution.auto_memory_share",
+            execution.auto_memory_share,
+            "has no effect: only model.execution.strategy=auto measures against a memory budget, and the "
+            f"strategy is fixed ({execution.strategy})",
         )
-    if hp.memory == "recompute" and hp.inner_steps <= STORED_STEPS:
+    if execution.memory == "recompute" and inner.steps <= STORED_STEPS:
         warn_ignored(
-            "model.memory",
+            "model.execution.memory",
             "recompute",
-            f"has no effect with model.inner_steps={hp.inner_steps}: recompute keeps the graph of the last "
+            f"has no effect with model.inner_loop.steps={inner.steps}: recompute keeps the graph of the last "
             f"{STORED_STEPS} inner step(s) anyway, so there is nothing to recompute and the memory is store's",
         )
-    for flag, value in module.inner_optimizer.ignored_flags.items():
+    for flag, value in inner.optimizer.ignored_flags.items():
         warn_ignored(
-            f"model.inner_optimizer.init_args.{flag}",
+            f"model.inner_loop.optimizer.init_args.{flag}",
             value,
             "has no effect: it chooses how torch.optim computes its in-place step, and fmaml's functional "
             "step is always differentiable, with one implementation",
         )
-    if hp.second_order_from_step == 0:
+    if inner.second_order_from_step == 0:
         warn_ignored(
-            "model.second_order_from_step",
+            "model.inner_loop.second_order_from_step",
             0,
             "has no effect: second order from meta-step 0 is plain second-order MAML (leave it unset)",
         )
@@ -86,17 +87,18 @@ def warn_ignored_model_settings(module) -> None:
 
 def warn_ignored_run_settings(subcommand: str, config) -> None:
     """Settings that do nothing in this command (the CLI's config, before anything is built)."""
-    model = config.model
-    if model.get("per_task_csv") and subcommand != "test":
+    path = config.get("per_task_csv", {}).get("path") if config.get("per_task_csv") else None
+    if path and subcommand != "test":
         warn_ignored(
-            "model.per_task_csv",
-            model.per_task_csv,
+            "per_task_csv.path",
+            path,
             f"has no effect: only `test` writes per-task metrics, and this is `{subcommand}`",
         )
-    step, max_steps = model.get("second_order_from_step"), config.trainer.get("max_steps")
+    inner_loop = config.model.get("inner_loop") or {}
+    step, max_steps = inner_loop.get("second_order_from_step"), config.trainer.get("max_steps")
     if subcommand == "fit" and step and max_steps is not None and 0 <= max_steps <= step:
         warn_ignored(
-            "model.second_order_from_step",
+            "model.inner_loop.second_order_from_step",
             step,
             f"has no effect: the fit ends at trainer.max_steps={max_steps}, before that meta-step, so "
             "every step is first order",

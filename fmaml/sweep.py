@@ -2,10 +2,10 @@
 an Optuna study in a database, so that several workers (threads here, processes on other machines) share
 one sweep.
 
-    python -m fmaml.sweep [fit|validate|test] --grid model.inner_steps=1,5,10 \\
-        [--grid model.inner_optimizer.lr=0.01,0.1] \\
+    python -m fmaml.sweep [fit|validate|test] --grid model.inner_loop.steps=1,5,10 \\
+        [--grid model.inner_loop.optimizer.lr=0.01,0.1] \\
         --config configs/sinusoid.yaml [any other python -m fmaml arguments ...]
-    python -m fmaml.sweep --search model.inner_optimizer.lr=log:0.01:1 --search model.inner_steps=int:1:5 \\
+    python -m fmaml.sweep --search model.inner_loop.optimizer.lr=log:0.01:1 --search model.inner_loop.steps=int:1:5 \\
         --trials 20 --metric val/loss --direction minimize --config configs/sinusoid.yaml
 
 - ``--grid KEY=V1,V2,...`` (repeatable): the values of one parameter, KEY as on fmaml's command line
@@ -95,12 +95,12 @@ def split_values(text: str) -> list[str]:
 
 
 def parse_grid(specs: list[str]) -> Grid:
-    """['model.inner_steps=1,5'] -> [('model.inner_steps', ['1', '5'])]; ValueError on bad syntax."""
+    """['model.inner_loop.steps=1,5'] -> [('model.inner_loop.steps', ['1', '5'])]; ValueError on bad syntax."""
     grid: Grid = []
     for spec in specs:
         key, sep, text = spec.partition("=")
         key = key.strip().removeprefix("--")
-        example = "--grid model.inner_steps=1,5,10"
+        example = "--grid model.inner_loop.steps=1,5,10"
         if not sep or not KEY.match(key):
             raise ValueError(
                 f"--grid {spec!r}: expected KEY=V1,V2,... with a dotted parameter name, e.g. {example}"
@@ -125,13 +125,13 @@ def combinations(grid: Grid) -> list[dict[str, str]]:
 
 
 def short_names(keys: list[str]) -> dict[str, str]:
-    """Each key's last component (model.inner_steps -> inner_steps), or the whole key where those clash."""
+    """Each key's last component (model.inner_loop.steps -> steps), or the whole key where those clash."""
     last = [k.rsplit(".", 1)[-1] for k in keys]
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
 
 
 def version_names(combos: list[dict[str, str]], names: dict[str, str]) -> list[str]:
-    """One folder name per combination, e.g. 'inner_steps=5,lr=0.1'; unique, file-system safe."""
+    """One folder name per combination, e.g. 'steps=5,lr=0.1'; unique, file-system safe."""
     versions: list[str] = []
     for combo in combos:
         # [40,40] -> 40_40: commas separate the parameters, slashes would make subfolders.
@@ -148,9 +148,11 @@ Retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.stor
 
 
 def parse_search(specs: list[str]) -> Search:
-    """['model.inner_optimizer.lr=log:0.01:1'] -> [('model.inner_optimizer.lr', FloatDistribution(0.01, 1,
+    """['model.inner_loop.optimizer.lr=log:0.01:1'] -> [('model.inner_loop.optimizer.lr', FloatDistribution(0.01, 1,
     log=True))]."""
-    example = "--search model.inner_optimizer.lr=log:0.001:1 (or float:LOW:HIGH, int:LOW:HIGH, choice:A,B)"
+    example = (
+        "--search model.inner_loop.optimizer.lr=log:0.001:1 (or float:LOW:HIGH, int:LOW:HIGH, choice:A,B)"
+    )
     search: Search = []
     for spec in specs:
         key, sep, text = spec.partition("=")
@@ -186,7 +188,7 @@ def parse_search(specs: list[str]) -> Search:
 
 
 def trial_version(number: int, values: dict[str, str], names: dict[str, str]) -> str:
-    """The trial's folder name, e.g. '3-inner_steps=5,lr=0.1'."""
+    """The trial's folder name, e.g. '3-steps=5,lr=0.1'."""
     return f"{number}-{version_names([values], names)[0]}"
 
 

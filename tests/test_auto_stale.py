@@ -13,6 +13,7 @@ from fmaml import auto_strategy
 from fmaml.cli import main
 from fmaml.models import MLP
 from fmaml.module import MAML
+from fmaml.settings import grouped
 
 FIT = ["fit", "--config", config("sinusoid.yaml"), "--trainer.limit_val_batches=0", *TINY]
 
@@ -75,15 +76,15 @@ def test_each_cost_changing_phase_of_a_run_is_measured(tmp_path, monkeypatch, ca
         [
             *FIT,
             "--trainer.max_steps=4",
-            "--model.inner_steps=2",
-            "--model.multi_step_loss=true",
-            "--model.msl_anneal_steps=1",
-            "--model.second_order_from_step=2",
+            "--model.inner_loop.steps=2",
+            "--model.meta_objective.multi_step_loss=true",
+            "--model.meta_objective.msl_anneal_steps=1",
+            "--model.inner_loop.second_order_from_step=2",
         ]
     )
     first, last = {"second_order": False}, {"second_order": True, "multi_step_loss": False}
     assert calls == [first | {"multi_step_loss": True}, first | {"multi_step_loss": False}, last]
-    assert cli.model.auto_choice["phase"] == last
+    assert cli.model.strategy_choice.choice["phase"] == last
     out = capsys.readouterr().out
     assert "measured under first order, last step's loss; step 2 runs second order, last step's loss" in out
     assert "under second order, last step's loss" in out  # the summary says what it measured
@@ -91,10 +92,11 @@ def test_each_cost_changing_phase_of_a_run_is_measured(tmp_path, monkeypatch, ca
 
 def test_compile_with_auto_is_refused_at_start_up():
     with pytest.raises(
-        ValueError, match=r"model\.compile=true with model\.strategy=auto.*--model\.strategy=vmap"
+        ValueError,
+        match=r"model\.execution\.compile=true with model\.execution\.strategy=auto.*--model\.execution\.strategy=vmap",
     ):
-        MAML(network=MLP, compile=True)
-    MAML(network=MLP, compile=True, strategy="vmap")  # a fixed strategy compiles what runs
+        MAML(network=MLP, **grouped(compile=True))
+    MAML(network=MLP, **grouped(compile=True, strategy="vmap"))  # a fixed strategy compiles what runs
 
 
 def test_values_that_change_every_step_do_not_miss_the_cache(sinusoid, cache, monkeypatch):
@@ -112,7 +114,7 @@ def test_values_that_change_every_step_do_not_miss_the_cache(sinusoid, cache, mo
 
 
 def test_a_lower_memory_share_is_not_answered_from_the_cache(sinusoid, cache, monkeypatch):
-    """After running out of memory, a lower model.auto_memory_share must take effect, and be printed."""
+    """After running out of memory, a lower model.execution.auto_memory_share must take effect, and be printed."""
     params, tasks, config_ = sinusoid
     monkeypatch.setattr(auto_strategy, "free_memory_bytes", lambda device: 1000 * 2**20)
     first = auto_strategy.choose(params, {}, tasks, **config_)  # budget 500 MB
@@ -185,15 +187,18 @@ def test_the_step_check_takes_the_median_after_a_first_step(monkeypatch, observe
 def recompute_checkpoint(tmp_path, monkeypatch, cache) -> str:
     """A 2-step fit whose checkpoint holds a choice with memory=recompute."""
     monkeypatch.chdir(tmp_path)
-    cli = main([*FIT, "--trainer.max_steps=2", "--model.memory=recompute"])
-    assert cli.model.auto_choice["memory"] == "recompute"
+    cli = main([*FIT, "--trainer.max_steps=2", "--model.execution.memory=recompute"])
+    assert cli.model.strategy_choice.choice["memory"] == "recompute"
     return "logs/fmaml/version_0/checkpoints/last.ckpt"
 
 
 def test_a_resume_with_memory_store_runs_store(recompute_checkpoint, capsys):
-    resumed = main([*FIT, "--trainer.max_steps=3", "--model.memory=store", "--ckpt_path=last"])
-    assert resumed.model.auto_choice["memory"] == "store"
-    assert "is not used: it runs memory=recompute, which this run's model.memory" in capsys.readouterr().out
+    resumed = main([*FIT, "--trainer.max_steps=3", "--model.execution.memory=store", "--ckpt_path=last"])
+    assert resumed.model.strategy_choice.choice["memory"] == "store"
+    assert (
+        "is not used: it runs memory=recompute, which this run's model.execution.memory"
+        in capsys.readouterr().out
+    )
 
 
 def test_testing_with_adapt_only_does_not_fail_on_the_checkpoints_choice(recompute_checkpoint, capsys):
@@ -203,7 +208,7 @@ def test_testing_with_adapt_only_does_not_fail_on_the_checkpoints_choice(recompu
             "--config",
             config("sinusoid.yaml"),
             *TINY,
-            "--model.adapt_only=[layers.4]",
+            "--model.inner_loop.adapt_only=[layers.4]",
             "--ckpt_path=last",
         ]
     )
@@ -232,17 +237,17 @@ def test_a_choice_from_elsewhere_is_measured_again(recompute_checkpoint, monkeyp
     torch.save(checkpoint, recompute_checkpoint)
     capsys.readouterr()
     calls = measured(monkeypatch)
-    resumed = main([*FIT, "--trainer.max_steps=3", "--model.memory=recompute", "--ckpt_path=last"])
+    resumed = main([*FIT, "--trainer.max_steps=3", "--model.execution.memory=recompute", "--ckpt_path=last"])
     out = capsys.readouterr().out
     assert "the checkpoint's choice (" in out and f"is not used: {reason}" in out
-    assert len(calls) == 1 and resumed.model.auto_choice["device"] == "cpu"
+    assert len(calls) == 1 and resumed.model.strategy_choice.choice["device"] == "cpu"
 
 
 def test_a_choice_that_still_applies_is_kept(recompute_checkpoint, monkeypatch):
     saved = torch.load(recompute_checkpoint, weights_only=False)["fmaml_auto_choice"]
     calls = measured(monkeypatch)
     resumed = main([*FIT, "--trainer.max_steps=3", "--ckpt_path=last"])  # memory=auto allows recompute
-    assert calls == [] and resumed.model.auto_choice == saved
+    assert calls == [] and resumed.model.strategy_choice.choice == saved
 
 
 def test_evaluating_at_another_precision_runs_the_fixed_rule_for_it(recompute_checkpoint, capsys):

@@ -8,7 +8,7 @@ from test_maml_engine import _mlp_case
 
 from fmaml import auto_strategy
 from fmaml.cli import main
-from fmaml.module import MAML
+from fmaml.strategy_choice import StrategyChoice
 
 
 @pytest.fixture
@@ -76,15 +76,15 @@ def test_a_resumed_fit_keeps_the_checkpoints_choice(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fit = ["fit", "--config", config("sinusoid.yaml"), "--trainer.limit_val_batches=0", *TINY]
     first = main([*fit, "--trainer.max_steps=2"])
-    chosen = first.model.auto_choice
+    chosen = first.model.strategy_choice.choice
     assert chosen["strategy"] in ("loop", "vmap") and chosen["memory"] in ("store", "recompute")
     checkpoint = torch.load("logs/fmaml/version_0/checkpoints/last.ckpt", weights_only=False)
     assert checkpoint["fmaml_auto_choice"] == chosen
     assert chosen["device"] == "cpu" and chosen["precision"] == "32-true"
 
-    def no_measuring(self, tasks, inner, refresh=False):
+    def no_measuring(self, module, tasks, inner, refresh=False):
         raise AssertionError("a resume measured again")
 
-    monkeypatch.setattr(MAML, "_choose_strategy", no_measuring)
+    monkeypatch.setattr(StrategyChoice, "_measure", no_measuring)
     resumed = main([*fit, "--trainer.max_steps=4", "--ckpt_path=last"])
-    assert resumed.trainer.global_step == 4 and resumed.model.auto_choice == chosen
+    assert resumed.trainer.global_step == 4 and resumed.model.strategy_choice.choice == chosen

@@ -2,6 +2,7 @@
 right run with the right settings, test of trained weights only, and its numbers recomputed."""
 
 import csv
+import functools
 import math
 import os
 import signal
@@ -14,8 +15,10 @@ import torch
 from fixtures import TINY, config
 from lightning.pytorch.callbacks import EarlyStopping
 
+import fmaml.module
 from fmaml import callbacks
 from fmaml.cli import main
+from fmaml.finite_guard import FiniteGuard
 from fmaml.module import MAML
 from fmaml.schedules import CosineAnnealingToMaxSteps
 
@@ -197,7 +200,7 @@ def test_resume_with_other_training_settings_is_refused_listing_every_conflict()
             [
                 *FIT,
                 "--ckpt_path=last",
-                "--model.inner_optimizer.lr=0.1",
+                "--model.inner_loop.optimizer.lr=0.1",
                 "--data.meta_batch_size=5",
                 "--model.optimizer.lr=0.01",
             ]
@@ -205,14 +208,14 @@ def test_resume_with_other_training_settings_is_refused_listing_every_conflict()
     message = str(error.value)
     assert "differs from the run" in message
     for key in (
-        "model.inner_optimizer.init_args.lr: 0.1 here, 0.01",
+        "model.inner_loop.optimizer.init_args.lr: 0.1 here, 0.01",
         "data.meta_batch_size: 5 here, 2",
         "model.optimizer.init_args.lr",
     ):
         assert key in message, message
     # The same run by its path is checked the same way.
-    with pytest.raises(ValueError, match=r"model\.inner_steps: 2 here, 1 in the run"):
-        main([*FIT, f"--ckpt_path={last_ckpt()}", "--model.inner_steps=2"])
+    with pytest.raises(ValueError, match=r"model\.inner_loop\.steps: 2 here, 1 in the run"):
+        main([*FIT, f"--ckpt_path={last_ckpt()}", "--model.inner_loop.steps=2"])
     # What only changes how training goes on is allowed.
     resumed = main(
         [
@@ -220,8 +223,8 @@ def test_resume_with_other_training_settings_is_refused_listing_every_conflict()
             "--ckpt_path=last",
             "--trainer.max_steps=4",
             "--checkpoint.every_n_train_steps=2",
-            "--model.eval_inner_steps=3",
-            "--model.strategy=loop",
+            "--model.inner_loop.eval_steps=3",
+            "--model.execution.strategy=loop",
         ]
     )
     assert_holds(last_ckpt(), resumed.model, 4)
@@ -257,11 +260,13 @@ def test_test_honours_the_command_and_names_the_checkpoint(capsys):
     # Another inner rate (eval_inner_lr is unset, so the inner optimizer's lr decides) gives another result,
     # with a warning.
     with pytest.warns(
-        UserWarning, match=r"model\.inner_optimizer\.init_args\.lr: 0\.1 here, 0\.01 in the run"
+        UserWarning, match=r"model\.inner_loop\.optimizer\.init_args\.lr: 0\.1 here, 0\.01 in the run"
     ):
-        faster = main([*test, "--model.inner_optimizer.lr=0.1"]).trainer.callback_metrics["test/loss_mean"]
+        faster = main([*test, "--model.inner_loop.optimizer.lr=0.1"]).trainer.callback_metrics[
+            "test/loss_mean"
+        ]
     assert not torch.isclose(faster, at_training_rate)
-    main([*test, "--model.eval_inner_steps=2"])
+    main([*test, "--model.inner_loop.eval_steps=2"])
     assert "after 2 inner steps" in capsys.readouterr().out
     # A different network is refused, by key.
     with pytest.raises(ValueError, match=r"in the network:\n  model\.network\.init_args\.hidden: \[20, 20\]"):
@@ -270,9 +275,7 @@ def test_test_honours_the_command_and_names_the_checkpoint(capsys):
 
 def test_test_mean_and_ci_equal_a_recomputation_from_the_per_task_values():
     main([*FIT, "--trainer.max_steps=3"])
-    cli = main(
-        ["test", "--config", SINUSOID, "--ckpt_path=last", "--model.per_task_csv=out/tasks.csv", *TINY]
-    )
+    cli = main(["test", "--config", SINUSOID, "--ckpt_path=last", "--per_task_csv.path=out/tasks.csv", *TINY])
     with open("out/tasks.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["task"]) for r in rows] == list(range(6))  # TINY: 6 test tasks
@@ -387,7 +390,7 @@ def test_a_nan_meta_loss_never_reaches_weights_or_checkpoints(monkeypatch, tmp_p
     ]
     kept = {}
     for deferred in (False, True):
-        monkeypatch.setattr(MAML, "defer_finite_check", deferred)
+        monkeypatch.setattr(fmaml.module, "FiniteGuard", functools.partial(FiniteGuard, defer=deferred))
         monkeypatch.chdir(tmp_path / "deferred" if deferred else tmp_path)
         with pytest.raises(FloatingPointError, match="at step 3"):
             main(args)
@@ -422,15 +425,16 @@ def test_the_deferred_update_is_skipped_on_the_device_from_the_first_bad_loss(mo
         return (weight.sum() - 1) ** 2 * scale
 
     initial = weight.detach().clone()
-    module._guarded_update(optimizer, loss(1.0))  # step 0: applied
+    guard = module.finite_guard
+    guard._guarded_update(module, optimizer, loss(1.0))  # step 0: applied
     after_good = weight.detach().clone()
     assert not torch.equal(after_good, initial)
     moments = {k: v.clone() for k, v in optimizer.state[weight].items()}
-    module._guarded_update(optimizer, loss(float("inf")))  # step 1: skipped, weights and moments kept
-    module._guarded_update(optimizer, loss(1.0))  # step 2: finite, but after a bad one: skipped too
+    guard._guarded_update(module, optimizer, loss(float("inf")))  # step 1: skipped, weights and moments kept
+    guard._guarded_update(module, optimizer, loss(1.0))  # step 2: finite, but after a bad one: skipped too
     assert torch.equal(weight, after_good)
     for key, value in optimizer.state[weight].items():
         assert torch.equal(value, moments[key]), key
-    assert not module.state_is_finite()
+    assert not guard.is_finite()
     with pytest.raises(FloatingPointError, match="at step 1"):
-        module.raise_if_not_finite()
+        guard.raise_if_not_finite(module.global_step)

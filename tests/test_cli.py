@@ -71,7 +71,7 @@ def test_fit_validate_test_on_tiny_omniglot(omniglot_root, tmp_path, capsys):
     )
 
     capsys.readouterr()
-    test = run("test", *common, f"--ckpt_path={last}", "--model.per_task_csv=tasks.csv")
+    test = run("test", *common, f"--ckpt_path={last}", "--per_task_csv.path=tasks.csv")
     out = capsys.readouterr().out
     assert "test accuracy over 6 tasks after 3 inner steps" in out and "(95% CI)" in out
     assert f"checkpoint {last} (step 4)" in out
@@ -104,7 +104,7 @@ def test_every_config_prints(path, capsys):
         main(["fit", "--config", path, "--print_config"])
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
-    assert "inner_optimizer:" in out and "meta_batch_size" in out and "class_path" in out
+    assert "  inner_loop:\n" in out and "meta_batch_size" in out and "class_path" in out
 
 
 @pytest.mark.parametrize(
@@ -165,7 +165,7 @@ def test_evaluation_settings_given_with_a_checkpoint_are_used(tmp_path, monkeypa
             "--config",
             config("sinusoid.yaml"),
             f"--ckpt_path={last}",
-            f"--model.eval_inner_steps={steps}",
+            f"--model.inner_loop.eval_steps={steps}",
             *TINY,
         )
         assert test.model.eval_inner["steps"] == steps
@@ -182,9 +182,9 @@ def test_miniimagenet_fast_dev_run(tmp_path, monkeypatch):
         config("miniimagenet.yaml"),
         f"--data.root={tmp_path / 'data'}",
         "--trainer.fast_dev_run=true",
-        "--model.inner_steps=1",
-        "--model.eval_inner_steps=1",
-        "--model.strategy=loop",  # auto's timing probe would be most of this test at 84x84
+        "--model.inner_loop.steps=1",
+        "--model.inner_loop.eval_steps=1",
+        "--model.execution.strategy=loop",  # auto's timing probe would be most of this test at 84x84
         *TINY,
     )
     assert cli.model.network.features[0][0].in_channels == 3
@@ -199,7 +199,9 @@ def test_module_entry_point_runs(tmp_path, monkeypatch, capsys):
         command_line(["fit", "--config", config("sinusoid.yaml"), "--print_config"])
     assert exit_.value.code in (0, None)
     out = capsys.readouterr().out
-    inner_optimizer = "inner_optimizer:\n    class_path: torch.optim.SGD\n    init_args:\n      lr: 0.01\n"
+    inner_optimizer = (
+        "    optimizer:\n      class_path: torch.optim.SGD\n      init_args:\n        lr: 0.01\n"
+    )
     assert "MLP" in out and inner_optimizer in out
 
 
@@ -250,7 +252,7 @@ def test_too_many_ways_fails_before_training(omniglot_root):
 
 @pytest.mark.parametrize(
     ("key", "typo"),
-    [("  inner_optimizer:", "  inner_optimiser:"), ("      lr: 0.4", "      lrr: 0.4")],
+    [("    optimizer:", "    optimiser:"), ("        lr: 0.4", "        lrr: 0.4")],
     ids=["model key", "inner optimizer argument"],
 )
 def test_typo_in_config_key_is_rejected(key, typo, tmp_path, capsys):

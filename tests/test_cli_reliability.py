@@ -55,20 +55,32 @@ def test_resume_last_continues_the_newest_run(tmp_path):
 
 
 def test_nan_meta_loss_stops_at_once_with_the_step():
-    with pytest.raises(FloatingPointError, match=r"at step 0.*model\.inner_optimizer's lr \(now 1e\+30\)"):
+    with pytest.raises(
+        FloatingPointError, match=r"at step 0.*model\.inner_loop\.optimizer's lr \(now 1e\+30\)"
+    ):
         main(
-            ["fit", "--config", SINUSOID, "--model.inner_optimizer.lr=1e30", "--trainer.max_steps=3", *QUIET]
+            [
+                "fit",
+                "--config",
+                SINUSOID,
+                "--model.inner_loop.optimizer.lr=1e30",
+                "--trainer.max_steps=3",
+                *QUIET,
+            ]
         )
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("--model.inner_steps=0", r"model\.inner_steps=0"),
-        ("--model.eval_inner_steps=-2", r"model\.eval_inner_steps=-2"),
-        ("--model.inner_optimizer.lr=-0.1", r"model\.inner_optimizer: Invalid learning rate: -0\.1"),
-        ("--model.eval_inner_lr=0", r"model\.eval_inner_lr=0"),
-        ("--model.strategy=pmap", r"model\.strategy='pmap'"),
+        ("--model.inner_loop.steps=0", r"model\.inner_loop\.steps=0"),
+        ("--model.inner_loop.eval_steps=-2", r"model\.inner_loop\.eval_steps=-2"),
+        (
+            "--model.inner_loop.optimizer.lr=-0.1",
+            r"model\.inner_loop\.optimizer: Invalid learning rate: -0\.1",
+        ),
+        ("--model.inner_loop.eval_lr=0", r"model\.inner_loop\.eval_lr=0"),
+        ("--model.execution.strategy=pmap", r"model\.execution\.strategy='pmap'"),
     ],
 )
 def test_bad_inner_loop_settings_fail_at_start_up(override, message):

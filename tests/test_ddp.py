@@ -21,6 +21,7 @@ from fmaml.data import MetaDataModule, Sinusoid
 from fmaml.inner_optimizers import SGD
 from fmaml.models import MLP
 from fmaml.module import MAML
+from fmaml.settings import grouped
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,9 +57,8 @@ def one_meta_step(tasks: dict, devices: int, strategy: str, meta_strategy: str) 
         MLP,
         num_outputs=1,
         loss="mse",
-        inner_optimizer=SGD(lr=0.01),
-        strategy=meta_strategy,
         optimizer=partial(torch.optim.SGD, lr=0.1),  # an update proportional to the gradient
+        **grouped(inner_optimizer=SGD(lr=0.01), strategy=meta_strategy),
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -150,12 +150,12 @@ def test_cli_fit_and_test_with_ddp(tmp_path, monkeypatch, capsys):
     assert torch.load(last, weights_only=False)["global_step"] == 2
     # Test on 2 processes (3 + 2 tasks) against 1 process on the same 5 tasks: the same per-task values
     # in the same order, so the same mean and confidence interval.
-    ddp = run("test", f"--ckpt_path={last}", "--model.per_task_csv=ddp.csv")
+    ddp = run("test", f"--ckpt_path={last}", "--per_task_csv.path=ddp.csv")
     # The single process runs here, in-process: one interpreter start fewer.
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     main(
-        ["test", *common, f"--ckpt_path={last}", "--model.per_task_csv=single.csv"]
+        ["test", *common, f"--ckpt_path={last}", "--per_task_csv.path=single.csv"]
         + ["--trainer.strategy=auto", "--trainer.devices=1"]
     )
     single = capsys.readouterr().out

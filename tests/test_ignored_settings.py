@@ -14,6 +14,7 @@ from fmaml.data import MetaDataModule
 from fmaml.data.specs import ImageFolder, Omniglot, Sinusoid, TorchmetaDataset
 from fmaml.models import MLP
 from fmaml.module import MAML
+from fmaml.settings import grouped
 from fmaml.settings_check import warn_ignored_run_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,7 @@ IGNORED = "has no effect"
 
 
 def maml(**settings) -> MAML:
-    return MAML(network=lambda outputs: MLP(outputs), num_outputs=1, loss="mse", **settings)
+    return MAML(network=lambda outputs: MLP(outputs), num_outputs=1, loss="mse", **grouped(**settings))
 
 
 def ignored_warnings(record) -> list[str]:
@@ -41,16 +42,22 @@ def expect_one(pattern: str):
 @pytest.mark.parametrize(
     ("settings", "pattern"),
     [
-        (dict(msl_anneal_steps=100), r"model\.msl_anneal_steps=100 has no effect: model\.multi_step_loss"),
-        (dict(multi_step_loss=True), r"model\.multi_step_loss=True has no effect with model\.inner_steps=1"),
+        (
+            dict(msl_anneal_steps=100),
+            r"model\.meta_objective\.msl_anneal_steps=100 has no effect: model\.meta_objective\.multi_step_loss",
+        ),
+        (
+            dict(multi_step_loss=True),
+            r"model\.meta_objective\.multi_step_loss=True has no effect with model\.inner_loop\.steps=1",
+        ),
         (
             dict(strategy="loop", auto_memory_share=0.8),
-            r"model\.auto_memory_share=0\.8 has no effect: only model\.strategy=auto .*fixed \(loop\)",
+            r"model\.execution\.auto_memory_share=0\.8 has no effect: only model\.execution\.strategy=auto .*fixed \(loop\)",
         ),
-        (dict(second_order_from_step=0), r"model\.second_order_from_step=0 has no effect"),
+        (dict(second_order_from_step=0), r"model\.inner_loop\.second_order_from_step=0 has no effect"),
         (
             dict(strategy="loop", memory="recompute"),
-            r"model\.memory='recompute' has no effect with model\.inner_steps=1: .* nothing to recompute",
+            r"model\.execution\.memory='recompute' has no effect with model\.inner_loop\.steps=1: .* nothing to recompute",
         ),
     ],
     ids=["msl_anneal_steps", "multi_step_loss", "auto_memory_share", "second_order_from_step=0", "recompute"],
@@ -156,23 +163,24 @@ def test_data_settings_with_effect_do_not_warn(tmp_path):
     assert ignored_warnings(record) == []
 
 
-def run_config(**model) -> Namespace:
+def run_config(per_task_csv=None, second_order_from_step=None) -> Namespace:
     """The parts of a CLI config that warn_ignored_run_settings reads."""
-    model = {"per_task_csv": None, "second_order_from_step": None} | model
-    return Namespace(model=Namespace(**model), trainer=Namespace(max_steps=100))
+    return Namespace(
+        model=Namespace(inner_loop=Namespace(second_order_from_step=second_order_from_step)),
+        per_task_csv=Namespace(path=per_task_csv),
+        trainer=Namespace(max_steps=100),
+    )
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate"])
 def test_per_task_csv_outside_test_warns(subcommand):
-    with expect_one(
-        rf"model\.per_task_csv='tasks\.csv' has no effect: only `test` .* this is `{subcommand}`"
-    ):
+    with expect_one(rf"per_task_csv\.path='tasks\.csv' has no effect: only `test` .* this is `{subcommand}`"):
         warn_ignored_run_settings(subcommand, run_config(per_task_csv="tasks.csv"))
 
 
 def test_second_order_from_step_past_max_steps_warns():
     with expect_one(
-        r"model\.second_order_from_step=100 has no effect: the fit ends at trainer\.max_steps=100"
+        r"model\.inner_loop\.second_order_from_step=100 has no effect: the fit ends at trainer\.max_steps=100"
     ):
         warn_ignored_run_settings("fit", run_config(second_order_from_step=100))
     with warnings.catch_warnings(record=True) as record:
@@ -185,15 +193,15 @@ def test_second_order_from_step_past_max_steps_warns():
 def test_cli_warns_before_running(tmp_path, monkeypatch):
     """The CLI checks the command's settings: per_task_csv given to a fit writes nothing, and says so."""
     monkeypatch.chdir(tmp_path)
-    with expect_one(r"model\.per_task_csv='tasks\.csv' has no effect: only `test`"):
+    with expect_one(r"per_task_csv\.path='tasks\.csv' has no effect: only `test`"):
         main(
             [
                 "fit",
                 "--config",
                 config("sinusoid.yaml"),
-                "--model.per_task_csv=tasks.csv",
+                "--per_task_csv.path=tasks.csv",
                 "--trainer.fast_dev_run=true",
-                "--model.strategy=loop",
+                "--model.execution.strategy=loop",
                 *TINY,
             ]
         )

@@ -1,4 +1,4 @@
-"""Issue 20: the inner optimizer by config (`--model.inner_optimizer`, a class_path), end to end through
+"""Issue 20: the inner optimizer by config (`--model.inner_loop.optimizer`, a class_path), end to end through
 `fmaml.cli.command_line` (what `python -m fmaml` runs) and `main`, on the sinusoid: the seed project's own
 config lines train; the learned rates of a stateful optimizer are trained, checkpointed and evaluated; an
 unusable optimizer is refused at start-up in one line; torch's implementation flags warn; the old setting
@@ -21,12 +21,12 @@ SINUSOID = config("sinusoid.yaml")
 #     --trainer.accelerator=cpu --data.meta_batch_size=2 --data.num_val_tasks=2 --data.num_test_tasks=4
 OLD_METASGD_CKPT = os.path.join(os.path.dirname(__file__), "data", "sinusoid_metasgd_075ee8a.ckpt")
 LEARNED_ADAM = [
-    "--model.inner_optimizer=fmaml.inner_optimizers.Adam",
-    "--model.inner_optimizer.lr=0.01",
-    "--model.inner_optimizer.learn_lr=per_layer_per_step",
-    "--model.inner_steps=2",
+    "--model.inner_loop.optimizer=fmaml.inner_optimizers.Adam",
+    "--model.inner_loop.optimizer.lr=0.01",
+    "--model.inner_loop.optimizer.learn_lr=per_layer_per_step",
+    "--model.inner_loop.steps=2",
     "--model.network.hidden=[16,16]",
-    "--model.strategy=vmap",
+    "--model.execution.strategy=vmap",
 ]
 STARTUP_HINT = "(FMAML_DEBUG=1 shows the traceback)"
 
@@ -53,20 +53,18 @@ def metrics(cli) -> dict[str, float]:
 def test_the_seed_config_lines_train_on_the_sinusoid(name, tmp_path):
     """`class_path: torch.optim.SGD` / `torch.optim.Adam`, `init_args: {lr: 0.01}`, as the seed writes them.
     60 meta-steps of 10 tasks at a meta rate of 0.005 (about 20 s per optimizer on 2 busy cores)."""
-    lines = (
-        f"model:\n  inner_optimizer:\n    class_path: torch.optim.{name}\n    init_args:\n      lr: 0.01\n"
-    )
+    lines = f"model:\n  inner_loop:\n    optimizer:\n      class_path: torch.optim.{name}\n      init_args:\n        lr: 0.01\n"
     (tmp_path / "inner.yaml").write_text(lines)
-    common = ["--config", SINUSOID, "--config", "inner.yaml", "--model.strategy=vmap", *TINY]
+    common = ["--config", SINUSOID, "--config", "inner.yaml", "--model.execution.strategy=vmap", *TINY]
     fit = ["--trainer.max_steps=60", "--trainer.limit_val_batches=0", "--data.meta_batch_size=10"]
     assert command_line(["fit", *common, *fit, "--model.optimizer.lr=0.005"]) == 0
     # The same 50 test tasks (fixed by data.seed) before and after training, adapted by the configured
     # optimizer for 1 step, as in training: a paired comparison, not two noisy meta-batches. (Measured: the
     # loss falls by about 20%, and adaptation takes 5% (SGD) to 9% (Adam) off the loss before it.)
-    test = ["test", *common, "--data.num_test_tasks=50", "--model.eval_inner_steps=1"]
+    test = ["test", *common, "--data.num_test_tasks=50", "--model.inner_loop.eval_steps=1"]
     initial = main([*test, "--ckpt_path=initial"])
     trained = main([*test, f"--ckpt_path={last_checkpoint()}"])
-    optimizer = trained.model.inner_optimizer
+    optimizer = trained.model.inner_loop.optimizer
     assert type(optimizer) is getattr(inner_optimizers, name) and optimizer.lr == 0.01
     before, after = metrics(initial), metrics(trained)
     assert after["test/loss_mean"] < 0.9 * before["test/loss_mean"], (before, after)
@@ -81,7 +79,7 @@ def test_the_seed_config_lines_train_on_the_sinusoid(name, tmp_path):
 def test_learned_rates_of_an_adam_inner_loop_are_trained_checkpointed_and_evaluated(tmp_path):
     fit = main(["fit", "--config", SINUSOID, *LEARNED_ADAM, *TINY, "--trainer.max_steps=3"])
     module = fit.model
-    assert type(module.inner_optimizer) is inner_optimizers.Adam
+    assert type(module.inner_loop.optimizer) is inner_optimizers.Adam
     rates = {key: rate.detach().clone() for key, rate in module.inner_lrs.items()}
     assert rates and all(rate.shape == (2,) for rate in rates.values())  # one rate per inner step
     assert any(not torch.all(rate == 0.01) for rate in rates.values()), rates  # meta-trained
@@ -90,7 +88,7 @@ def test_learned_rates_of_an_adam_inner_loop_are_trained_checkpointed_and_evalua
         torch.testing.assert_close(checkpoint["state_dict"][f"inner_lrs.{key}"], rate)
 
     # Evaluation runs 4 steps (the last trained rate beyond the 2 trained ones) with the checkpoint's rates.
-    test = ["test", "--config", SINUSOID, *LEARNED_ADAM, *TINY, "--model.eval_inner_steps=4"]
+    test = ["test", "--config", SINUSOID, *LEARNED_ADAM, *TINY, "--model.inner_loop.eval_steps=4"]
     trained = main([*test, f"--ckpt_path={last_checkpoint()}"])
     assert trained.model.eval_inner["steps"] == 4
     for key, rate in rates.items():
@@ -107,19 +105,27 @@ def test_learned_rates_of_an_adam_inner_loop_are_trained_checkpointed_and_evalua
     assert frozen["test/loss_before"] == pytest.approx(adapted["test/loss_before"], rel=1e-6)
 
     # The learned rates are the network's: evaluating them with another rate, or without them, is refused.
-    with pytest.raises(ValueError, match=r"model\.eval_inner_lr=0\.05 .*drop eval_inner_lr"):
-        main([*test, "--model.eval_inner_lr=0.05", f"--ckpt_path={last_checkpoint()}"])
-    plain = ["--model.inner_optimizer=torch.optim.Adam", f"--ckpt_path={last_checkpoint()}"]
-    network_change = r"in the network:\n  model\.inner_optimizer\.init_args\.learn_lr: 'off' here, 'per_layer"
+    with pytest.raises(ValueError, match=r"model\.inner_loop\.eval_lr=0\.05 .*drop eval_lr"):
+        main([*test, "--model.inner_loop.eval_lr=0.05", f"--ckpt_path={last_checkpoint()}"])
+    plain = ["--model.inner_loop.optimizer=torch.optim.Adam", f"--ckpt_path={last_checkpoint()}"]
+    network_change = (
+        r"in the network:\n  model\.inner_loop\.optimizer\.init_args\.learn_lr: 'off' here, 'per_layer"
+    )
     with pytest.raises(ValueError, match=network_change):
         main([*test, *plain])
 
 
 def test_evaluation_takes_its_own_inner_rate_and_steps():
-    """eval_inner_lr and eval_inner_steps reach the evaluation's inner loop (the untrained weights serve)."""
-    test = ["test", "--config", SINUSOID, "--model.inner_optimizer=torch.optim.Adam", "--model.strategy=vmap"]
-    test += [*TINY, "--model.eval_inner_steps=3", "--ckpt_path=initial"]
-    adapted = main([*test, "--model.eval_inner_lr=0.05"])
+    """eval_lr and eval_steps reach the evaluation's inner loop (the untrained weights serve)."""
+    test = [
+        "test",
+        "--config",
+        SINUSOID,
+        "--model.inner_loop.optimizer=torch.optim.Adam",
+        "--model.execution.strategy=vmap",
+    ]
+    test += [*TINY, "--model.inner_loop.eval_steps=3", "--ckpt_path=initial"]
+    adapted = main([*test, "--model.inner_loop.eval_lr=0.05"])
     inner = adapted.model.eval_inner
     assert (inner["steps"], inner["lr"], type(inner["inner_optimizer"])) == (3, 0.05, inner_optimizers.Adam)
     assert adapted.model.train_inner["lr"] == 0.01  # the config's, for training only
@@ -127,7 +133,7 @@ def test_evaluation_takes_its_own_inner_rate_and_steps():
     # Adam's step is about lr whatever the gradient's scale: at 0.05 the untrained network's loss moves far
     # (up: 0.05 per weight is too much for it), at 1e-9 it stays as it was.
     assert abs(by_lr["test/loss"] - by_lr["test/loss_before"]) > 0.2 * by_lr["test/loss_before"], by_lr
-    still = metrics(main([*test, "--model.eval_inner_lr=1e-9"]))
+    still = metrics(main([*test, "--model.inner_loop.eval_lr=1e-9"]))
     assert still["test/loss"] == pytest.approx(still["test/loss_before"], rel=1e-5)
     assert still["test/loss_before"] == pytest.approx(by_lr["test/loss_before"], rel=1e-6)
 
@@ -145,20 +151,23 @@ def _fit_omniglot_without_data(tmp_path, *override: str) -> int:
     ("override", "error"),
     [
         pytest.param(
-            ["--model.inner_optimizer=torch.optim.LBFGS"],
-            "error: model.inner_optimizer: torch.optim.lbfgs.LBFGS has no differentiable functional equivalent "
+            ["--model.inner_loop.optimizer=torch.optim.LBFGS"],
+            "error: model.inner_loop.optimizer: torch.optim.lbfgs.LBFGS has no differentiable functional equivalent "
             "in fmaml. Supported: torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, "
             "torch.optim.Adagrad (or fmaml.inner_optimizers.<the same name>, which also takes learn_lr)",
             id="unsupported",
         ),
         pytest.param(
-            ["--model.inner_optimizer.momentum=-1"],
-            "error: model.inner_optimizer: Invalid momentum value: -1.0",
+            ["--model.inner_loop.optimizer.momentum=-1"],
+            "error: model.inner_loop.optimizer: Invalid momentum value: -1.0",
             id="bad-argument",
         ),
         pytest.param(
-            ["--model.inner_optimizer=fmaml.inner_optimizers.SGD", "--model.inner_optimizer.momentum=-1"],
-            "error: model.inner_optimizer (SGD): Invalid momentum value: -1.0",
+            [
+                "--model.inner_loop.optimizer=fmaml.inner_optimizers.SGD",
+                "--model.inner_loop.optimizer.momentum=-1",
+            ],
+            "error: model.inner_loop.optimizer (SGD): Invalid momentum value: -1.0",
             id="fmaml-class",
         ),
     ],
@@ -172,14 +181,14 @@ def test_an_unusable_inner_optimizer_is_one_line_at_start_up(override, error, tm
 
 
 def test_a_torch_implementation_flag_warns_that_it_has_no_effect():
-    flag = r"model\.inner_optimizer\.init_args\.foreach=True has no effect"
+    flag = r"model\.inner_loop\.optimizer\.init_args\.foreach=True has no effect"
     with pytest.warns(IgnoredSettingWarning, match=flag):
         main(
             [
                 "fit",
                 "--config",
                 SINUSOID,
-                "--model.inner_optimizer.foreach=true",
+                "--model.inner_loop.optimizer.foreach=true",
                 "--trainer.fast_dev_run=true",
             ]
         )
@@ -191,13 +200,13 @@ def test_a_torch_implementation_flag_warns_that_it_has_no_effect():
         (
             ["--model.inner_lr=0.1"],
             "error: unrecognized arguments: --model.inner_lr=0.1",
-            "(model.inner_lr is now model.inner_optimizer.init_args.lr (the inner optimizer: `class_path: "
+            "(model.inner_lr is now model.inner_loop.optimizer.init_args.lr (the inner optimizer: `class_path: "
             "torch.optim.SGD`, `init_args: {lr: 0.4}`))",
         ),
         (
             ["--config", "old.yaml"],
             "error: Subcommand 'fit' does not accept option 'model.learn_inner_lr'",
-            "(model.learn_inner_lr is now model.inner_optimizer.init_args.learn_lr, with `class_path: "
+            "(model.learn_inner_lr is now model.inner_loop.optimizer.init_args.learn_lr, with `class_path: "
             "fmaml.inner_optimizers.SGD` (or Adam, ...))",
         ),
     ],
@@ -218,8 +227,8 @@ def test_a_checkpoint_from_before_the_inner_optimizer_evaluates_with_the_new_con
     test = ["test", "--config", SINUSOID, "--model.network.hidden=[8,8]", f"--ckpt_path={OLD_METASGD_CKPT}"]
     test += TINY
     metasgd = [
-        "--model.inner_optimizer=fmaml.inner_optimizers.SGD",
-        "--model.inner_optimizer.learn_lr=per_parameter",
+        "--model.inner_loop.optimizer=fmaml.inner_optimizers.SGD",
+        "--model.inner_loop.optimizer.learn_lr=per_parameter",
     ]
     cli = main([*test, *metasgd])
     assert set(cli.model.inner_lrs) == {
@@ -234,4 +243,6 @@ def test_a_checkpoint_from_before_the_inner_optimizer_evaluates_with_the_new_con
     assert command_line(test) == 1
     (line, setting) = error_lines(capsys)
     assert line.startswith("error: --ckpt_path=") and line.endswith("in the network:"), line
-    assert setting == "  model.inner_optimizer.init_args.learn_lr: 'off' here, 'per_parameter' in the run"
+    assert (
+        setting == "  model.inner_loop.optimizer.init_args.learn_lr: 'off' here, 'per_parameter' in the run"
+    )

@@ -41,7 +41,7 @@ def _arguments(optimizer: InnerOptimizer) -> dict:
 
 
 def _lightning_cli_value(class_path: str, init_args: dict):
-    """What LightningCLI hands the module for `--model.inner_optimizer` (typed InnerOptimizer |
+    """What LightningCLI hands the module for `--model.inner_loop.optimizer` (typed InnerOptimizer |
     OptimizerCallable): jsonargparse's callable that builds the torch optimizer from params."""
     parser = ArgumentParser()
     parser.add_argument("--inner_optimizer", type=InnerOptimizer | OptimizerCallable)
@@ -107,14 +107,14 @@ def test_equal_arguments_compare_equal():
 def test_unsupported_optimizer_is_refused_with_the_supported_list(torch_class):
     with pytest.raises(ValueError, match=torch_class.__name__) as error:
         from_config(functools.partial(torch_class, lr=0.1))
-    assert "model.inner_optimizer" in str(error.value)
+    assert "model.inner_loop.optimizer" in str(error.value)
     for name in SUPPORTED:
         assert f"torch.optim.{name}" in str(error.value)
 
 
 def test_something_else_is_refused_with_the_supported_list():
     for value in ("sgd", 0.01, lambda params: torch.nn.Linear(1, 1)):
-        with pytest.raises(ValueError, match="model.inner_optimizer.*torch.optim.SGD"):
+        with pytest.raises(ValueError, match="model.inner_loop.optimizer.*torch.optim.SGD"):
             from_config(value)
 
 
@@ -132,13 +132,13 @@ INVALID = [
 
 @pytest.mark.parametrize(("name", "arguments", "value"), INVALID, ids=[f"{n}-{a}" for n, a, _ in INVALID])
 def test_invalid_arguments_are_refused_by_name(name, arguments, value):
-    """Through the config and through fmaml's class alike: a ValueError naming model.inner_optimizer and
+    """Through the config and through fmaml's class alike: a ValueError naming model.inner_loop.optimizer and
     the bad value."""
     for build in (
         lambda: from_config(functools.partial(getattr(torch.optim, name), **arguments)),
         lambda: getattr(fo, name)(**arguments),
     ):
-        with pytest.raises(ValueError, match="model.inner_optimizer") as error:
+        with pytest.raises(ValueError, match="model.inner_loop.optimizer") as error:
             build()
         assert value in str(error.value)
 

@@ -64,12 +64,12 @@ SINUSOID = [
     "--trainer.max_steps=200", "--trainer.val_check_interval=50", "--data.num_val_tasks=4",
     "--checkpoint.every_n_train_steps=10",
     # fixed: auto's choice follows live timings, and the killed and whole runs are compared bit for bit
-    "--model.strategy=vmap", "--model.memory=store",
+    "--model.execution.strategy=vmap", "--model.execution.memory=store",
 ]  # fmt: skip
 OMNIGLOT = [
     "--config", os.path.join(REPO, "configs", "omniglot.yaml"), "--model.network.filters=4",
     "--data.meta_batch_size=2", "--trainer.max_steps=60", "--trainer.val_check_interval=20",
-    "--data.num_val_tasks=4", "--model.strategy=loop",
+    "--data.num_val_tasks=4", "--model.execution.strategy=loop",
     # time-based checkpoints only: a save every few hundredths of a second of training
     "--checkpoint.every_n_train_steps=0", "--checkpoint.every_n_minutes=0.0005",
 ]  # fmt: skip

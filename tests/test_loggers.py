@@ -46,12 +46,12 @@ def test_default_root_dir_holds_logs_and_checkpoints_and_last_resumes_there(tmp_
 
 def test_tensorboard_gets_the_resolved_config_as_text(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    main(["fit", *SINUSOID, "--model.inner_optimizer.lr=0.0123"])
+    main(["fit", *SINUSOID, "--model.inner_loop.optimizer.lr=0.0123"])
     events = EventAccumulator(str(tmp_path / "logs" / "fmaml" / "version_0"))
     events.Reload()
     (text,) = [e for e in events.Tensors("config/text_summary")]
     config = text.tensor_proto.string_val[0].decode()
-    assert "inner_optimizer:" in config and "lr: 0.0123" in config and "class_path: fmaml.MLP" in config
+    assert "inner_loop:" in config and "lr: 0.0123" in config and "class_path: fmaml.MLP" in config
 
 
 def test_wandb_offline_writes_a_run_beside_tensorboard(tmp_path, monkeypatch):
@@ -59,7 +59,7 @@ def test_wandb_offline_writes_a_run_beside_tensorboard(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    main(["fit", *SINUSOID, *logger_config("wandb"), "--model.inner_optimizer.lr=0.0123"])
+    main(["fit", *SINUSOID, *logger_config("wandb"), "--model.inner_loop.optimizer.lr=0.0123"])
     wandb.finish()
     # finish() returns before wandb's service process has written the run's file (a race the test lost on
     # a busy machine, and on an idle one too); teardown waits for the service to exit, as a script's end does.
@@ -67,7 +67,7 @@ def test_wandb_offline_writes_a_run_beside_tensorboard(tmp_path, monkeypatch):
     (run,) = glob.glob(str(tmp_path / "logs" / "wandb" / "offline-run-*"))
     (log,) = glob.glob(os.path.join(run, "run-*.wandb"))
     written = open(log, "rb").read()
-    for key in (b"val/loss", b"train/loss", b"model.inner_optimizer.init_args.lr"):
+    for key in (b"val/loss", b"train/loss", b"model.inner_loop.optimizer.init_args.lr"):
         assert key in written, key
     # TensorBoard is still the first logger: it holds the run's folders, checkpoints and curves.
     version = tmp_path / "logs" / "fmaml" / "version_0"
@@ -79,7 +79,7 @@ def test_mlflow_logs_metrics_and_config_to_a_sqlite_database(tmp_path, monkeypat
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)
-    main(["fit", *SINUSOID, *logger_config("mlflow"), "--model.inner_optimizer.lr=0.0123"])
+    main(["fit", *SINUSOID, *logger_config("mlflow"), "--model.inner_loop.optimizer.lr=0.0123"])
     database = tmp_path / "logs" / "mlflow.db"
     assert database.is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{database}")
@@ -89,4 +89,4 @@ def test_mlflow_logs_metrics_and_config_to_a_sqlite_database(tmp_path, monkeypat
     # The same values as TensorBoard's, read back from the database.
     tensorboard = tensorboard_scalars(tmp_path / "logs" / "fmaml" / "version_0")["val/loss"]
     assert [m.value for m in history] == pytest.approx([e.value for e in tensorboard])
-    assert run.data.params["model.inner_optimizer.init_args.lr"] == "0.0123"
+    assert run.data.params["model.inner_loop.optimizer.init_args.lr"] == "0.0123"

@@ -146,9 +146,9 @@ def test_cli_trains_with_recompute_like_store(tmp_path, monkeypatch):
     ]
     store = main([*fit, *TINY, "--trainer.logger.init_args.name=store"]).model
     recompute = main(
-        [*fit, *TINY, "--trainer.logger.init_args.name=recompute", "--model.memory=recompute"]
+        [*fit, *TINY, "--trainer.logger.init_args.name=recompute", "--model.execution.memory=recompute"]
     ).model
     for (name, a), b in zip(store.state_dict().items(), recompute.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    with pytest.raises(ValueError, match=r"model\.memory=recompute does not support adapt_only"):
-        main([*fit, *TINY, "--model.memory=recompute", "--model.adapt_only=[layers.4]"])
+    with pytest.raises(ValueError, match=r"model\.execution\.memory=recompute does not support adapt_only"):
+        main([*fit, *TINY, "--model.execution.memory=recompute", "--model.inner_loop.adapt_only=[layers.4]"])

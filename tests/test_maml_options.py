@@ -19,6 +19,7 @@ from fmaml.inner_optimizers import SGD
 from fmaml.maml import LOSSES, msl_weights
 from fmaml.module import MAML
 from fmaml.schedules import CosineAnnealingToMaxSteps
+from fmaml.settings import grouped
 
 STRATEGIES = ["vmap", "loop", "chunked:2"]
 # ------------------------------------------------------------------------------- cases and reference
@@ -296,29 +297,33 @@ def test_bad_option_arguments_raise_clear_errors(kwargs, message):
 def test_module_options_fail_at_start_up():
     def build(learn_lr="off", **kwargs):
         inner_optimizer = SGD(lr=0.01, learn_lr=learn_lr)
-        return MAML(MLP, num_outputs=1, loss="mse", inner_optimizer=inner_optimizer, **kwargs)
+        return MAML(MLP, num_outputs=1, loss="mse", **grouped(inner_optimizer=inner_optimizer, **kwargs))
 
-    with pytest.raises(ValueError, match=r"model.adapt_only=\['heads'\].*'layers.4.weight'"):
+    with pytest.raises(ValueError, match=r"model.inner_loop.adapt_only=\['heads'\].*'layers.4.weight'"):
         build(adapt_only=["heads"])
-    with pytest.raises(ValueError, match=r"model\.inner_optimizer \(SGD\): learn_lr='per_step' is unknown"):
+    with pytest.raises(
+        ValueError, match=r"model\.inner_loop\.optimizer \(SGD\): learn_lr='per_step' is unknown"
+    ):
         build(learn_lr="per_step")
-    with pytest.raises(ValueError, match="model.eval_inner_lr=0.1 .*drop eval_inner_lr"):
+    with pytest.raises(ValueError, match="model.inner_loop.eval_lr=0.1 .*drop eval_lr"):
         build(learn_lr="per_parameter", eval_inner_lr=0.1)
-    with pytest.raises(ValueError, match="model.second_order_from_step=10 .*set first_order: false"):
+    with pytest.raises(
+        ValueError, match="model.inner_loop.second_order_from_step=10 .*set first_order: false"
+    ):
         build(second_order_from_step=10, first_order=True)
-    with pytest.raises(ValueError, match="model.second_order_from_step=-1"):
+    with pytest.raises(ValueError, match="model.inner_loop.second_order_from_step=-1"):
         build(second_order_from_step=-1)
-    with pytest.raises(ValueError, match="model.msl_anneal_steps=0"):
+    with pytest.raises(ValueError, match="model.meta_objective.msl_anneal_steps=0"):
         build(multi_step_loss=True, msl_anneal_steps=0)
     # Prefixes select whole modules: "layers.4" is the MLP's head; features and head of the ConvNet.
     assert build(adapt_only=["layers.4"]).adapt_only == ["layers.4.weight", "layers.4.bias"]
-    conv = MAML(ConvNet, adapt_only=["head", "features.3.0"])
+    conv = MAML(ConvNet, **grouped(adapt_only=["head", "features.3.0"]))
     assert conv.adapt_only == ["features.3.0.weight", "features.3.0.bias", "head.weight", "head.bias"]
 
 
 def test_module_learned_rates_shapes_and_evaluation_beyond_trained_steps():
     per_parameter = MAML(
-        MLP, num_outputs=1, loss="mse", inner_optimizer=SGD(lr=0.01, learn_lr="per_parameter")
+        MLP, num_outputs=1, loss="mse", **grouped(inner_optimizer=SGD(lr=0.01, learn_lr="per_parameter"))
     )
     for name, p in per_parameter.network.named_parameters():
         rate = per_parameter.inner_lrs[name.replace(".", "-")]
@@ -327,9 +332,11 @@ def test_module_learned_rates_shapes_and_evaluation_beyond_trained_steps():
         MLP,
         num_outputs=1,
         loss="mse",
-        inner_optimizer=SGD(lr=0.01, learn_lr="per_layer_per_step"),
-        inner_steps=2,
-        adapt_only=["layers.4"],
+        **grouped(
+            inner_optimizer=SGD(lr=0.01, learn_lr="per_layer_per_step"),
+            inner_steps=2,
+            adapt_only=["layers.4"],
+        ),
     )
     assert set(lslr.inner_lrs) == {"layers-4-weight", "layers-4-bias"}  # rates for adapted params only
     with torch.no_grad():
@@ -340,7 +347,7 @@ def test_module_learned_rates_shapes_and_evaluation_beyond_trained_steps():
 
 
 def _fit_sinusoid(tmp_path, max_steps: int, callbacks, **model_kwargs) -> MAML:
-    model = MAML(MLP, num_outputs=1, loss="mse", **model_kwargs)
+    model = MAML(MLP, num_outputs=1, loss="mse", **grouped(**model_kwargs))
     data = MetaDataModule(
         Sinusoid(), ways=1, shots=5, query_shots=5, meta_batch_size=4, num_val_tasks=2, root=str(tmp_path)
     )
@@ -423,7 +430,7 @@ def test_multi_step_loss_is_annealed_then_dropped(tmp_path):
 
 def test_default_module_settings_are_the_plain_ones():
     """Every option off: the engine is called with exactly the settings it had before the options."""
-    module = MAML(MLP, num_outputs=1, loss="mse", inner_optimizer=SGD(lr=0.01))
+    module = MAML(MLP, num_outputs=1, loss="mse", **grouped(inner_optimizer=SGD(lr=0.01)))
     assert module.inner_lrs is None and list(module.parameters()) == list(module.network.parameters())
     plain_sgd = SGD(lr=0.01)
     assert module.train_inner == {

@@ -1,4 +1,4 @@
-"""Issue 21: `--model.meta_gradient` (iMAML, Reptile) end to end through the CLI and the module: settings
+"""Issue 21: `--model.meta_objective.meta_gradient` (iMAML, Reptile) end to end through the CLI and the module: settings
 it cannot honour are refused at start-up in one line, before any data is looked at; strategy=auto measures
 with it; evaluation adapts with iMAML's proximal term; a run with it trains and tests."""
 
@@ -14,10 +14,11 @@ from fmaml.inner_optimizers import SGD
 from fmaml.meta_gradients import Implicit, Reptile
 from fmaml.models import MLP
 from fmaml.module import MAML
+from fmaml.settings import grouped
 
 SINUSOID = config("sinusoid.yaml")
-IMPLICIT = "--model.meta_gradient=fmaml.meta_gradients.Implicit"
-REPTILE = "--model.meta_gradient=fmaml.meta_gradients.Reptile"
+IMPLICIT = "--model.meta_objective.meta_gradient=fmaml.meta_gradients.Implicit"
+REPTILE = "--model.meta_objective.meta_gradient=fmaml.meta_gradients.Reptile"
 STARTUP_HINT = "(FMAML_DEBUG=1 shows the traceback)"
 
 
@@ -31,49 +32,49 @@ def in_tmp(tmp_path, monkeypatch):
     ("override", "error"),
     [
         pytest.param(
-            [IMPLICIT, "--model.meta_gradient.lam=0"],
-            "error: model.meta_gradient.lam=0.0: iMAML's proximal weight λ must be a finite number > 0",
+            [IMPLICIT, "--model.meta_objective.meta_gradient.lam=0"],
+            "error: model.meta_objective.meta_gradient.lam=0.0: iMAML's proximal weight λ must be a finite number > 0",
             id="lam",
         ),
         pytest.param(
-            [IMPLICIT, "--model.meta_gradient.cg_steps=0"],
-            "error: model.meta_gradient.cg_steps=0: the conjugate-gradient iterations must be an integer >= 1",
+            [IMPLICIT, "--model.meta_objective.meta_gradient.cg_steps=0"],
+            "error: model.meta_objective.meta_gradient.cg_steps=0: the conjugate-gradient iterations must be an integer >= 1",
             id="cg_steps",
         ),
         pytest.param(
-            [IMPLICIT, "--model.first_order=true"],
-            "error: model.meta_gradient=Implicit(lam=1.0, cg_steps=5, cg_tol=0.0) with first_order (or "
+            [IMPLICIT, "--model.inner_loop.first_order=true"],
+            "error: model.meta_objective.meta_gradient=Implicit(lam=1.0, cg_steps=5, cg_tol=0.0) with first_order (or "
             "second_order_from_step): iMAML never differentiates through the inner steps",
             id="first-order",
         ),
         pytest.param(
-            [REPTILE, "--model.multi_step_loss=true"],
-            "error: model.meta_gradient=Reptile() with the multi-step loss",
+            [REPTILE, "--model.meta_objective.multi_step_loss=true"],
+            "error: model.meta_objective.meta_gradient=Reptile() with the multi-step loss",
             id="multi-step-loss",
         ),
         pytest.param(
-            [REPTILE, "--model.memory=recompute"],
-            "error: model.meta_gradient=Reptile() with memory=recompute: Reptile never differentiates through "
+            [REPTILE, "--model.execution.memory=recompute"],
+            "error: model.meta_objective.meta_gradient=Reptile() with memory=recompute: Reptile never differentiates through "
             "the inner steps, so its memory is already flat in the steps",
             id="recompute",
         ),
         pytest.param(
-            [IMPLICIT, "--model.adapt_only=[head]"],
-            "error: model.meta_gradient=Implicit(lam=1.0, cg_steps=5, cg_tol=0.0) with adapt_only (ANIL)",
+            [IMPLICIT, "--model.inner_loop.adapt_only=[head]"],
+            "error: model.meta_objective.meta_gradient=Implicit(lam=1.0, cg_steps=5, cg_tol=0.0) with adapt_only (ANIL)",
             id="anil",
         ),
         pytest.param(
             [
                 REPTILE,
-                "--model.inner_optimizer=fmaml.inner_optimizers.SGD",
-                "--model.inner_optimizer.learn_lr=per_parameter",
+                "--model.inner_loop.optimizer=fmaml.inner_optimizers.SGD",
+                "--model.inner_loop.optimizer.learn_lr=per_parameter",
             ],
-            "error: model.meta_gradient=Reptile() with learned inner rates (learn_lr)",
+            "error: model.meta_objective.meta_gradient=Reptile() with learned inner rates (learn_lr)",
             id="learned-rates",
         ),
         pytest.param(
             [IMPLICIT, "--model.network.init_args.per_step_batch_norm=1"],
-            "error: model.meta_gradient=Implicit(lam=1.0, cg_steps=5, cg_tol=0.0) with a per-step network",
+            "error: model.meta_objective.meta_gradient=Implicit(lam=1.0, cg_steps=5, cg_tol=0.0) with a per-step network",
             id="per-step-batch-norm",
         ),
     ],
@@ -106,12 +107,12 @@ def test_strategy_auto_measures_with_the_meta_gradient(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Implicit, "task_loss_and_grad", counting)
     module = MAML(lambda outputs: MLP(outputs, hidden=(8,)), num_outputs=1, loss="mse",
-                  meta_gradient=Implicit(lam=2.0, cg_steps=2))  # fmt: skip
-    assert module._auto_memories() == ("store",)
-    module._choose_strategy(_sinusoid_tasks(), module._train_inner())
+                  **grouped(meta_gradient=Implicit(lam=2.0, cg_steps=2)))  # fmt: skip
+    assert module._memories() == ("store",)
+    module.strategy_choice._measure(module, _sinusoid_tasks(), module._train_inner())
     assert calls, "auto measured without the meta-gradient it will train with"
-    assert module.auto_choice["memory"] == "store"
-    assert module.auto_choice["phase"] == {"meta_gradient": "iMAML", "multi_step_loss": False}
+    assert module.strategy_choice.choice["memory"] == "store"
+    assert module.strategy_choice.choice["phase"] == {"meta_gradient": "iMAML", "multi_step_loss": False}
 
 
 def test_evaluation_adapts_with_imaml_proximal_term():
@@ -121,8 +122,10 @@ def test_evaluation_adapts_with_imaml_proximal_term():
 
     def evaluated(meta_gradient):
         torch.manual_seed(0)
-        module = MAML(lambda outputs: MLP(outputs, hidden=(8,)), num_outputs=1, loss="mse", inner_steps=steps,
-                      inner_optimizer=SGD(lr=lr), meta_gradient=meta_gradient, strategy="loop")  # fmt: skip
+        settings = grouped(
+            inner_steps=steps, inner_optimizer=SGD(lr=lr), meta_gradient=meta_gradient, strategy="loop"
+        )
+        module = MAML(lambda outputs: MLP(outputs, hidden=(8,)), num_outputs=1, loss="mse", **settings)
         return module, module._evaluate(tasks)
 
     module, imaml = evaluated(Implicit(lam=lam))

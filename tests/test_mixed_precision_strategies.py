@@ -192,7 +192,7 @@ def test_bf16_mixed_trains_with_vmap_and_chunked(tmp_path, monkeypatch, strategy
     monkeypatch.chdir(tmp_path)
     fit = ["fit", "--config", config("sinusoid.yaml"), *TINY, "--trainer.max_steps=3"]
     calls = meta_loss_calls(monkeypatch, "fmaml.module.meta_loss")
-    cli = main([*fit, "--trainer.precision=bf16-mixed", f"--model.strategy={strategy}"])
+    cli = main([*fit, "--trainer.precision=bf16-mixed", f"--model.execution.strategy={strategy}"])
     assert cli.trainer.global_step == 3
     assert calls and set(calls) == {(strategy, torch.bfloat16)}
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in cli.model.parameters())
@@ -204,8 +204,8 @@ def test_auto_measures_bf16_candidates(tmp_path, monkeypatch):
     monkeypatch.setenv("FMAML_CACHE_DIR", str(tmp_path / "cache"))
     measured = meta_loss_calls(monkeypatch, "fmaml.auto_strategy.meta_loss")
     fit = ["fit", "--config", config("sinusoid.yaml"), *TINY, "--trainer.max_steps=1"]
-    cli = main([*fit, "--trainer.precision=bf16-mixed", "--model.strategy=auto"])
-    assert cli.model.auto_choice["precision"] == "bf16-mixed"
+    cli = main([*fit, "--trainer.precision=bf16-mixed", "--model.execution.strategy=auto"])
+    assert cli.model.strategy_choice.choice["precision"] == "bf16-mixed"
     assert {dtype for _, dtype in measured} == {torch.bfloat16}
     assert {"loop", "vmap", "chunked:2"} <= {strategy for strategy, _ in measured}
 
@@ -224,11 +224,13 @@ def test_16_mixed_clips_the_true_meta_gradient_not_the_scaled_one(tmp_path, monk
         return original(optimizer, *args, **kwargs)
 
     monkeypatch.setattr(module, "_clip_meta_gradient", recording)
-    sgd = ["--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1.0", "--model.strategy=vmap"]
+    sgd = ["--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1.0", "--model.execution.strategy=vmap"]
     fit = ["fit", "--config", config("sinusoid.yaml"), *TINY, "--trainer.max_steps=1", *sgd]
     # On CPU, --trainer.precision=16-mixed falls back to bf16-mixed: the plugin itself brings the scaler.
     plugin = [f"--trainer.plugins={MixedPrecision.__module__}.MixedPrecision", "--trainer.plugins.device=cpu"]
-    cli = main([*fit, *plugin, "--trainer.plugins.precision=16-mixed", f"--model.meta_grad_clip_norm={clip}"])
+    cli = main(
+        [*fit, *plugin, "--trainer.plugins.precision=16-mixed", f"--model.meta_objective.clip_norm={clip}"]
+    )
     assert cli.trainer.precision == "16-mixed" and cli.trainer.precision_plugin.scaler is not None
     ((params, before),) = moved
     change = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before, strict=True)])

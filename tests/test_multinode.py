@@ -54,7 +54,7 @@ def fit_args(root: str, strategy: str, *extra: str) -> list[str]:
         "fit",
         *TINY,
         *extra,
-        f"--model.strategy={strategy}",
+        f"--model.execution.strategy={strategy}",
         f"--trainer.default_root_dir={root}/{strategy}",
     ]
 
@@ -64,10 +64,10 @@ def evaluation_args(root: str, ckpt: str, name: str, *extra: str) -> list[str]:
         "test",
         *TINY,
         *extra,
-        "--model.strategy=vmap",
+        "--model.execution.strategy=vmap",
         f"--ckpt_path={ckpt}",
         f"--trainer.default_root_dir={root}/{name}",
-        f"--model.per_task_csv={root}/{name}.csv",
+        f"--per_task_csv.path={root}/{name}.csv",
     ]
 
 

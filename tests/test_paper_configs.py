@@ -19,6 +19,7 @@ from fmaml.cli import MAMLCLI, TRAINER_DEFAULTS, main
 from fmaml.data import MetaDataModule, Sinusoid
 from fmaml.inner_optimizers import SGD
 from fmaml.module import MAML
+from fmaml.settings import MetaObjective, grouped
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 PAPER = sorted(glob.glob(os.path.join(REPO, "configs", "paper", "*.yaml")))
@@ -99,12 +100,10 @@ def _fit_one_step(tmp_path, defer: bool, **clip) -> tuple[MAML, _Recorder]:
         MLP,
         num_outputs=1,
         loss="mse",
-        inner_optimizer=SGD(lr=0.01, learn_lr="per_parameter"),
         optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
-        strategy="loop",
-        **clip,
+        **grouped(inner_optimizer=SGD(lr=0.01, learn_lr="per_parameter"), strategy="loop", **clip),
     )
-    model.defer_finite_check = defer
+    model.finite_guard.defer = defer
     data = MetaDataModule(Sinusoid(), shots=5, query_shots=5, meta_batch_size=4, num_val_tasks=2)
     recorder = _Recorder()
     trainer = L.Trainer(
@@ -176,11 +175,12 @@ def test_clip_by_norm_bounds_the_total_norm_before_the_step(tmp_path, defer):
         torch.testing.assert_close(grad, unclipped[name] * (clip / norm), rtol=1e-4, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["meta_grad_clip_value", "meta_grad_clip_norm"])
+@pytest.mark.parametrize("name", ["clip_value", "clip_norm"])
 @pytest.mark.parametrize("value", [0, -1.0, math.inf, math.nan, True])
 def test_bad_clipping_threshold_is_named(name, value):
-    with pytest.raises(ValueError, match=rf"model\.{name}={re.escape(repr(value))}: .*positive finite"):
-        MAML(MLP, num_outputs=1, loss="mse", **{name: value})
+    pattern = rf"model\.meta_objective\.{name}={re.escape(repr(value))}: .*positive finite"
+    with pytest.raises(ValueError, match=pattern):
+        MAML(MLP, num_outputs=1, loss="mse", meta_objective=MetaObjective(**{name: value}))
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -239,7 +239,7 @@ def test_paper_omniglot_config(path, tmp_path, monkeypatch):
     assert data.query_shots == data.shots
     assert network.head_input == "mean" and network.head.in_features == 64
     assert 0.9 < network.head.weight.std() < 1.1  # init: reference, its N(0, 1) Omniglot head
-    assert cli.model.meta_grad_clip == {"value": None, "norm": None}
+    assert (cli.model.meta_objective.clip_value, cli.model.meta_objective.clip_norm) == (None, None)
 
 
 @pytest.mark.parametrize("path", PAPER_MINIIMAGENET, ids=os.path.basename)
@@ -251,8 +251,8 @@ def test_paper_miniimagenet_config(path, tmp_path, monkeypatch):
     assert network.head.bias.abs().max() == 0  # init: reference
     # maml.py clips at 10 the gradient of a loss ways * query_shots / shots times fmaml's.
     scale = data.ways * data.query_shots / data.shots
-    assert cli.model.meta_grad_clip["value"] == pytest.approx(10 / scale)
-    assert cli.model.meta_grad_clip["norm"] is None
+    assert cli.model.meta_objective.clip_value == pytest.approx(10 / scale)
+    assert cli.model.meta_objective.clip_norm is None
 
 
 def test_paper_omniglot_config_trains(tmp_path_factory, tmp_path, monkeypatch):
@@ -266,7 +266,7 @@ def test_paper_omniglot_config_trains(tmp_path_factory, tmp_path, monkeypatch):
             f"--data.root={root}",
             "--trainer.fast_dev_run=true",
             "--model.network.filters=4",
-            "--model.strategy=loop",
+            "--model.execution.strategy=loop",
             *TINY,
         ]
     )

@@ -357,11 +357,12 @@ def test_running_statistics_are_refused_across_processes():
     from types import SimpleNamespace
 
     from fmaml.module import MAML
+    from fmaml.settings import InnerLoop
 
     def network(outputs):
         return ConvNet(outputs, filters=2, image_size=16, per_step_batch_norm=2, per_step_running_stats=True)
 
-    module = MAML(network, num_outputs=2, inner_steps=2)
+    module = MAML(network, num_outputs=2, inner_loop=InnerLoop(steps=2))
     module._trainer = SimpleNamespace(world_size=2)
     with pytest.raises(ValueError, match="per_step_running_stats=true is not supported with more than one"):
         module.on_fit_start()

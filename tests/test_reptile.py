@@ -174,15 +174,20 @@ def in_tmp(tmp_path, monkeypatch):
 
 def _trained_weights(*options) -> dict:
     fit = ["fit", "--config", config("sinusoid.yaml"), *TINY, "--model.network.hidden=[8,8]"]
-    fit += ["--model.strategy=vmap", "--trainer.max_steps=2", "--trainer.limit_val_batches=0", *options]
+    fit += [
+        "--model.execution.strategy=vmap",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
+        *options,
+    ]
     module = main(fit).model
     return module, {n: p.detach().clone() for n, p in module.network.named_parameters()}
 
 
 def test_the_cli_trains_with_reptile(in_tmp):
-    """`--model.meta_gradient=fmaml.meta_gradients.Reptile` reaches the training step: other weights than
+    """`--model.meta_objective.meta_gradient=fmaml.meta_gradients.Reptile` reaches the training step: other weights than
     MAML's after the same 2 meta-steps (tests/test_meta_gradient_cli.py covers the refusals and a test run)."""
-    module, reptile = _trained_weights("--model.meta_gradient=fmaml.meta_gradients.Reptile")
+    module, reptile = _trained_weights("--model.meta_objective.meta_gradient=fmaml.meta_gradients.Reptile")
     assert isinstance(module.train_inner["meta_gradient"], Reptile)
     _, maml = _trained_weights()
     assert relative(reptile, maml) > 1e-4

@@ -18,15 +18,15 @@ from fmaml.data.tasks import random_task_loader
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A fixed execution: strategy=auto's choice follows live timings (and may be measured again after a few
 # steps), so two separate runs may choose differently; these tests compare runs bit for bit.
-FIXED = ["--model.strategy=vmap", "--model.memory=store"]
+FIXED = ["--model.execution.strategy=vmap", "--model.execution.memory=store"]
 SINUSOID = ["--config", os.path.join(REPO, "configs", "sinusoid.yaml"), "--data.meta_batch_size=5", *FIXED]
 OMNIGLOT = [
     "--config",
     os.path.join(REPO, "configs", "omniglot.yaml"),
     "--model.network.filters=4",
     "--data.meta_batch_size=2",
-    "--model.strategy=loop",
-    "--model.memory=store",
+    "--model.execution.strategy=loop",
+    "--model.execution.memory=store",
 ]
 QUIET = [
     "--trainer.accelerator=cpu",

@@ -41,10 +41,12 @@ def test_unknown_key_is_one_line_without_usage(in_tmp, capsys):
 
 
 def test_bad_value_is_its_message(in_tmp, capsys):
-    code = command_line(["fit", "--config", config("omniglot.yaml"), "--model.inner_optimizer.lr=-1", *TINY])
+    code = command_line(
+        ["fit", "--config", config("omniglot.yaml"), "--model.inner_loop.optimizer.lr=-1", *TINY]
+    )
     assert code == 1
     lines = error_lines(capsys)
-    assert lines[0] == "error: model.inner_optimizer: Invalid learning rate: -1.0", lines
+    assert lines[0] == "error: model.inner_loop.optimizer: Invalid learning rate: -1.0", lines
     assert lines[1:] == ["(FMAML_DEBUG=1 shows the traceback)"]
 
 
@@ -58,8 +60,10 @@ def test_missing_data_is_its_message(in_tmp, capsys):
 
 def test_debug_env_raises_as_before(in_tmp, monkeypatch):
     monkeypatch.setenv("FMAML_DEBUG", "1")
-    with pytest.raises(ValueError, match=r"model\.inner_optimizer: Invalid learning rate: -1\.0"):
-        command_line(["fit", "--config", config("omniglot.yaml"), "--model.inner_optimizer.lr=-1", *TINY])
+    with pytest.raises(ValueError, match=r"model\.inner_loop\.optimizer: Invalid learning rate: -1\.0"):
+        command_line(
+            ["fit", "--config", config("omniglot.yaml"), "--model.inner_loop.optimizer.lr=-1", *TINY]
+        )
 
 
 def test_error_once_training_runs_keeps_its_traceback(in_tmp, monkeypatch):
@@ -76,7 +80,7 @@ def test_error_once_training_runs_keeps_its_traceback(in_tmp, monkeypatch):
                 "--config",
                 config("sinusoid.yaml"),
                 "--trainer.fast_dev_run=true",
-                "--model.strategy=loop",
+                "--model.execution.strategy=loop",
             ]
             + TINY
         )
@@ -99,7 +103,13 @@ def test_ctrl_c_during_training_still_stops_and_saves(in_tmp, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(MAML, "on_train_batch_end", ctrl_c_after_step_3, raising=False)
-    fit = ["fit", "--config", config("sinusoid.yaml"), "--trainer.max_steps=20", "--model.strategy=loop"]
+    fit = [
+        "fit",
+        "--config",
+        config("sinusoid.yaml"),
+        "--trainer.max_steps=20",
+        "--model.execution.strategy=loop",
+    ]
     assert command_line([*fit, "--trainer.limit_val_batches=0", *TINY]) == 0
     last = in_tmp / "logs" / "fmaml" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 3
@@ -124,7 +134,7 @@ def test_python_m_fmaml_without_data(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "algorithm, option", [("norm", "meta_grad_clip_norm"), ("value", "meta_grad_clip_value")]
+    "algorithm, option", [("norm", "meta_objective.clip_norm"), ("value", "meta_objective.clip_value")]
 )
 def test_lightning_gradient_clipping_points_to_the_meta_gradient_option(in_tmp, capsys, algorithm, option):
     """Lightning refuses to clip under manual optimization (with its own traceback); fmaml names its option."""

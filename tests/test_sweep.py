@@ -37,9 +37,9 @@ TINY = [
 
 
 def test_parse_grid():
-    assert parse_grid(["model.inner_steps=1,5,10", "model.inner_optimizer.lr= 0.01, 0.1"]) == [
-        ("model.inner_steps", ["1", "5", "10"]),
-        ("model.inner_optimizer.lr", ["0.01", "0.1"]),
+    assert parse_grid(["model.inner_loop.steps=1,5,10", "model.inner_loop.optimizer.lr= 0.01, 0.1"]) == [
+        ("model.inner_loop.steps", ["1", "5", "10"]),
+        ("model.inner_loop.optimizer.lr", ["0.01", "0.1"]),
     ]
     assert split_values("[40,40],[64],{a: 1, b: 2}") == ["[40,40]", "[64]", "{a: 1, b: 2}"]
 
@@ -47,12 +47,12 @@ def test_parse_grid():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("model.inner_steps", "expected KEY=V1,V2"),
+        ("model.inner_loop.steps", "expected KEY=V1,V2"),
         ("model..inner_steps=1", "expected KEY=V1,V2"),
         ("=1,2", "expected KEY=V1,V2"),
-        ("model.inner_steps=", "empty value"),
-        ("model.inner_steps=1,,2", "empty value"),
-        ("model.inner_steps=1,1", "repeated"),
+        ("model.inner_loop.steps=", "empty value"),
+        ("model.inner_loop.steps=1,,2", "empty value"),
+        ("model.inner_loop.steps=1,1", "repeated"),
     ],
 )
 def test_bad_grid_is_an_error_before_any_run(spec, message, tmp_path, capsys):
@@ -66,39 +66,49 @@ def test_bad_grid_is_an_error_before_any_run(spec, message, tmp_path, capsys):
 
 def test_same_key_twice_and_no_grid(capsys):
     with pytest.raises(SystemExit):
-        main(["--grid", "model.inner_optimizer.lr=1", "--grid", "model.inner_optimizer.lr=2"])
-    assert "--grid model.inner_optimizer.lr is given twice" in capsys.readouterr().err
+        main(["--grid", "model.inner_loop.optimizer.lr=1", "--grid", "model.inner_loop.optimizer.lr=2"])
+    assert "--grid model.inner_loop.optimizer.lr is given twice" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--config", SINUSOID])
     assert "--grid" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--search", "model.inner_optimizer.lr=log:0.01:1", "--config", SINUSOID])
+        main(["--search", "model.inner_loop.optimizer.lr=log:0.01:1", "--config", SINUSOID])
     assert "--search needs --trials N" in capsys.readouterr().err
 
 
 def test_an_unusable_storage_url_is_a_clear_error_at_once(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"--storage nosuch://x: not a usable database URL"):
-        main(["--grid", "model.inner_steps=1", "--storage", "nosuch://x", "--save-dir", str(tmp_path), *TINY])
+        main(
+            [
+                "--grid",
+                "model.inner_loop.steps=1",
+                "--storage",
+                "nosuch://x",
+                "--save-dir",
+                str(tmp_path),
+                *TINY,
+            ]
+        )
 
 
 def test_version_names_are_short_unique_and_safe():
     combos = [
         {
-            "model.inner_optimizer.lr": "0.1",
+            "model.inner_loop.optimizer.lr": "0.1",
             "data.seed": "1",
             "model.seed": "2",
             "model.network.hidden": "[4,4]",
         }
     ]
-    names = {"model.inner_optimizer.lr": "lr", "data.seed": "data.seed", "model.seed": "model.seed"}
+    names = {"model.inner_loop.optimizer.lr": "lr", "data.seed": "data.seed", "model.seed": "model.seed"}
     names["model.network.hidden"] = "hidden"
     assert version_names(combos, names) == ["lr=0.1,data.seed=1,model.seed=2,hidden=4_4"]
     # The inner optimizer's rate is short as long as no other rate is swept with it.
-    assert short_names(["model.inner_steps", "model.inner_optimizer.lr"]) == {
-        "model.inner_steps": "inner_steps",
-        "model.inner_optimizer.lr": "lr",
+    assert short_names(["model.inner_loop.steps", "model.inner_loop.optimizer.lr"]) == {
+        "model.inner_loop.steps": "steps",
+        "model.inner_loop.optimizer.lr": "lr",
     }
-    rates = ["model.inner_optimizer.lr", "model.optimizer.lr"]
+    rates = ["model.inner_loop.optimizer.lr", "model.optimizer.lr"]
     assert short_names(rates) == {key: key for key in rates}
     twins = [{"k": "a/b"}, {"k": "a_b"}]
     assert version_names(twins, {"k": "k"}) == ["k=a_b", "k=a_b-1"]
@@ -107,17 +117,23 @@ def test_version_names_are_short_unique_and_safe():
 def test_parse_search():
     search = dict(
         parse_search(
-            ["model.inner_optimizer.lr=log:0.01:1", "model.inner_steps=int:1:5", "data.shots=choice:1,5"]
+            [
+                "model.inner_loop.optimizer.lr=log:0.01:1",
+                "model.inner_loop.steps=int:1:5",
+                "data.shots=choice:1,5",
+            ]
         )
     )
-    assert search["model.inner_optimizer.lr"] == optuna.distributions.FloatDistribution(0.01, 1, log=True)
-    assert search["model.inner_steps"] == optuna.distributions.IntDistribution(1, 5)
+    assert search["model.inner_loop.optimizer.lr"] == optuna.distributions.FloatDistribution(
+        0.01, 1, log=True
+    )
+    assert search["model.inner_loop.steps"] == optuna.distributions.IntDistribution(1, 5)
     assert search["data.shots"] == optuna.distributions.CategoricalDistribution(["1", "5"])
     for bad, message in [
-        ("model.inner_optimizer.lr=log:0:1", "LOW > 0"),
-        ("model.inner_optimizer.lr=float:1:0.5", "LOW < HIGH"),
-        ("model.inner_optimizer.lr=int:a:5", "two ints"),
-        ("model.inner_optimizer.lr=uniform:0:1", "expected KEY=KIND"),
+        ("model.inner_loop.optimizer.lr=log:0:1", "LOW > 0"),
+        ("model.inner_loop.optimizer.lr=float:1:0.5", "LOW < HIGH"),
+        ("model.inner_loop.optimizer.lr=int:a:5", "two ints"),
+        ("model.inner_loop.optimizer.lr=uniform:0:1", "expected KEY=KIND"),
     ]:
         with pytest.raises(ValueError, match=message):
             parse_search([bad])
@@ -125,8 +141,17 @@ def test_parse_search():
 
 def test_dry_run_prints_the_product(tmp_path, capsys):
     code = main(
-        ["test", "--dry-run", "--name", "s", "--save-dir", str(tmp_path), "--grid", "model.inner_steps=1,5"]
-        + ["--grid", "model.eval_inner_steps=3,10", *TINY]
+        [
+            "test",
+            "--dry-run",
+            "--name",
+            "s",
+            "--save-dir",
+            str(tmp_path),
+            "--grid",
+            "model.inner_loop.steps=1,5",
+        ]
+        + ["--grid", "model.inner_loop.eval_steps=3,10", *TINY]
     )
     assert code == 0
     commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
@@ -138,12 +163,15 @@ def test_dry_run_prints_the_product(tmp_path, capsys):
     assert "--trainer.logger.init_args.name=sweeps/s" in first
     versions = [next(a for a in c if a.startswith("--trainer.logger.init_args.version=")) for c in commands]
     assert [v.split("=", 1)[1] for v in versions] == [
-        "0-inner_steps=1,eval_inner_steps=3",
-        "1-inner_steps=1,eval_inner_steps=10",
-        "2-inner_steps=5,eval_inner_steps=3",
-        "3-inner_steps=5,eval_inner_steps=10",
+        "0-steps=1,eval_steps=3",
+        "1-steps=1,eval_steps=10",
+        "2-steps=5,eval_steps=3",
+        "3-steps=5,eval_steps=10",
     ]
-    assert first[-2:] == ["--model.inner_steps=1", "--model.eval_inner_steps=3"]  # last, so they win
+    assert first[-2:] == [
+        "--model.inner_loop.steps=1",
+        "--model.inner_loop.eval_steps=3",
+    ]  # last, so they win
     assert not os.listdir(tmp_path)
 
 
@@ -213,7 +241,7 @@ def test_two_workers_on_one_storage_run_each_grid_point_once(tmp_path):
     """Two sweep processes started together on the same study: the 4 points run once each, in all. What
     is tested is the two processes' coordination through the storage, not how a trial's run starts: the
     trials run inside their worker (a trial's own process: the killed-worker test)."""
-    grid = ["--grid", "model.inner_steps=1,2", "--grid", "model.inner_optimizer.lr=0.01,0.02"]
+    grid = ["--grid", "model.inner_loop.steps=1,2", "--grid", "model.inner_loop.optimizer.lr=0.01,0.02"]
     workers = [sweep_process_with_trials_in_process(tmp_path, *grid) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
@@ -221,12 +249,10 @@ def test_two_workers_on_one_storage_run_each_grid_point_once(tmp_path):
         os.path.basename(os.path.dirname(p)) for p in glob.glob(str(tmp_path / "sweeps/s/*/output.log"))
     )
     points = [r.split("-", 1)[1] for r in runs]
-    assert sorted(points) == sorted(
-        f"inner_steps={a},lr={b}" for a in ("1", "2") for b in ("0.01", "0.02")
-    ), runs
+    assert sorted(points) == sorted(f"steps={a},lr={b}" for a in ("1", "2") for b in ("0.01", "0.02")), runs
     complete = [t for t in study(tmp_path).trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(
-        (t.params["model.inner_steps"], t.params["model.inner_optimizer.lr"]) for t in complete
+        (t.params["model.inner_loop.steps"], t.params["model.inner_loop.optimizer.lr"]) for t in complete
     ) == sorted((a, b) for a in ("1", "2") for b in ("0.01", "0.02"))
     assert all(t.value == t.user_attrs["metrics"]["val/loss"] for t in complete)
     # The worker that finished last printed the whole study, read from the storage.
@@ -236,7 +262,14 @@ def test_two_workers_on_one_storage_run_each_grid_point_once(tmp_path):
 @pytest.mark.slow
 def test_search_reports_its_best_trial_from_the_storage(trials_in_process, tmp_path, capsys):
     code = main(
-        ["--name", "s", "--save-dir", str(tmp_path), "--search", "model.inner_optimizer.lr=log:0.001:0.1"]
+        [
+            "--name",
+            "s",
+            "--save-dir",
+            str(tmp_path),
+            "--search",
+            "model.inner_loop.optimizer.lr=log:0.001:0.1",
+        ]
         + ["--trials", "3", "--seed", "0", "--metric", "val/loss", *TINY]
     )
     out = capsys.readouterr().out
@@ -244,7 +277,7 @@ def test_search_reports_its_best_trial_from_the_storage(trials_in_process, tmp_p
     stored = study(tmp_path)
     complete = [t for t in stored.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 3
-    assert len({t.params["model.inner_optimizer.lr"] for t in complete}) == 3
+    assert len({t.params["model.inner_loop.optimizer.lr"] for t in complete}) == 3
     best = min(complete, key=lambda t: t.value)
     assert stored.best_trial.number == best.number
     assert f"best: trial {best.number}, val/loss={best.value:.6g}" in out
@@ -258,22 +291,22 @@ def test_search_reports_its_best_trial_from_the_storage(trials_in_process, tmp_p
 
 @pytest.mark.slow
 def test_a_failing_trial_is_recorded_failed_and_the_sweep_goes_on(trials_in_process, tmp_path, capsys):
-    """inner_steps=0 is refused at start-up: that first trial fails, the next one completes."""
-    code = main(["--name", "s", "--save-dir", str(tmp_path), "--grid", "model.inner_steps=0,2", *TINY])
+    """inner_loop.steps=0 is refused at start-up: that first trial fails, the next one completes."""
+    code = main(["--name", "s", "--save-dir", str(tmp_path), "--grid", "model.inner_loop.steps=0,2", *TINY])
     out = capsys.readouterr().out
     assert code == 1
-    states = {t.params["model.inner_steps"]: t.state for t in study(tmp_path).trials}
+    states = {t.params["model.inner_loop.steps"]: t.state for t in study(tmp_path).trials}
     assert states == {"0": optuna.trial.TrialState.FAIL, "2": optuna.trial.TrialState.COMPLETE}
     sweep = tmp_path / "sweeps" / "s"
-    assert "model.inner_steps=0" in (sweep / "0-inner_steps=0" / "output.log").read_text()
-    assert "0-inner_steps=0: failed (exit 1)" in out and "1 complete, 1 fail" in out
-    assert (sweep / "1-inner_steps=2" / "checkpoints" / "last.ckpt").is_file()
+    assert "model.inner_loop.steps=0" in (sweep / "0-steps=0" / "output.log").read_text()
+    assert "0-steps=0: failed (exit 1)" in out and "1 complete, 1 fail" in out
+    assert (sweep / "1-steps=2" / "checkpoints" / "last.ckpt").is_file()
     with open(sweep / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["inner_steps"] for r in rows] == ["0", "2"]
+    assert [r["steps"] for r in rows] == ["0", "2"]
     assert [r["state"] for r in rows] == ["fail", "complete"]
     assert rows[0]["val/loss"] == "" and float(rows[1]["val/loss"]) > 0
-    assert "inner_steps  state" in out
+    assert "steps  state" in out
 
 
 @pytest.mark.slow
@@ -289,7 +322,7 @@ def test_trials_given_a_default_root_dir_are_read_where_their_runs_logged(
             "--name",
             "s",
             "--grid",
-            "model.inner_optimizer.lr=0.01",
+            "model.inner_loop.optimizer.lr=0.01",
             *TINY,
             f"--trainer.default_root_dir={root}",
         ]
@@ -346,7 +379,7 @@ def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(tmp_path)
     ]
     command += [
         "--grid",
-        "model.inner_steps=1",
+        "model.inner_loop.steps=1",
         *TINY,
         "--trainer.max_steps=-1",
         "--trainer.max_time=00:00:00:04",

@@ -25,7 +25,7 @@ from test_sweep import TINY
 from fmaml.sweep import Retry, main
 
 # Each trial is a fresh `python -m fmaml` (10+ s of imports): no strategy measurement on top.
-RUN = [*TINY, "--model.strategy=loop"]
+RUN = [*TINY, "--model.execution.strategy=loop"]
 State = optuna.trial.TrialState
 
 
@@ -132,7 +132,7 @@ def trials(url: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def runs(machine) -> list[str]:
-    """The trial folders a worker made on its machine, e.g. ['0-inner_steps=1']."""
+    """The trial folders a worker made on its machine, e.g. ['0-steps=1']."""
     return sorted(
         os.path.basename(os.path.dirname(p)) for p in glob.glob(f"{machine}/logs/sweeps/s/*/output.log")
     )
@@ -143,7 +143,7 @@ def test_a_postgresql_url_without_its_driver_says_which_extra_to_install(tmp_pat
         monkeypatch.setitem(sys.modules, driver, None)
     url = "postgresql://fmaml:secret@127.0.0.1:1/sweeps"
     with pytest.raises(SystemExit) as error:
-        main(["--grid", "model.inner_steps=1", "--storage", url, "--save-dir", str(tmp_path), *RUN])
+        main(["--grid", "model.inner_loop.steps=1", "--storage", url, "--save-dir", str(tmp_path), *RUN])
     message = str(error.value.code)
     assert message.startswith("--storage postgresql://fmaml:***@127.0.0.1:1/sweeps: the postgresql driver")
     assert "pip install 'fmaml[postgresql]' (or uv sync --extra postgresql)" in message
@@ -154,12 +154,12 @@ def test_a_postgresql_url_without_its_driver_says_which_extra_to_install(tmp_pat
 @pytest.mark.slow
 def test_two_machines_run_each_grid_point_once(database, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    outputs = finish(*(worker(m, database, "--grid", "model.inner_steps=1,2") for m in (a, b)))
+    outputs = finish(*(worker(m, database, "--grid", "model.inner_loop.steps=1,2") for m in (a, b)))
     points = [run.split("-", 1)[1] for run in runs(a) + runs(b)]
-    assert sorted(points) == ["inner_steps=1", "inner_steps=2"], (runs(a), runs(b))
+    assert sorted(points) == ["steps=1", "steps=2"], (runs(a), runs(b))
     stored = trials(database)
     complete = [t for t in stored if t.state == State.COMPLETE]
-    assert sorted(t.params["model.inner_steps"] for t in complete) == ["1", "2"]
+    assert sorted(t.params["model.inner_loop.steps"] for t in complete) == ["1", "2"]
     assert all(t.value == t.user_attrs["metrics"]["val/loss"] for t in complete)
     # Both workers may enqueue the grid; a trial that found its point taken is skipped, and says by whom.
     assert all("duplicate_of" in t.user_attrs for t in stored if t.state != State.COMPLETE)
@@ -191,7 +191,7 @@ def test_a_search_survives_a_killed_machine_and_reads_its_best_trial_from_the_da
     trial and enqueues its retry (same parameters), which takes its place among the --trials; the best of
     the two trials the machines complete is read back from the database."""
     a, b = tmp_path / "a", tmp_path / "b"
-    search = ["--search", "model.inner_optimizer.lr=log:0.001:0.1", "--trials", "2", "--heartbeat", "1"]
+    search = ["--search", "model.inner_loop.optimizer.lr=log:0.001:0.1", "--trials", "2", "--heartbeat", "1"]
     killed = worker(a, database, *search)
     wait_for_running_trial(database, a)
     os.killpg(killed.pid, signal.SIGKILL)
