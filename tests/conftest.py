@@ -17,3 +17,14 @@ def auto_strategy_cache(tmp_path_factory):
         del os.environ["FMAML_CACHE_DIR"]
     else:
         os.environ["FMAML_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def zygote(tmp_path_factory, auto_strategy_cache):
+    """A fork server that has imported fmaml once (tests/zygote.py): a real process per request, started
+    in milliseconds instead of an interpreter's 10+ s of imports. One per test process (xdist worker)."""
+    from zygote import Zygote
+
+    server = Zygote(tmp_path_factory.mktemp("zygote"))
+    yield server
+    server.close()
