@@ -177,13 +177,8 @@ def study(tmp_path, name="s"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/sweeps/{name}/optuna.db")
 
 
-def sweep_process(tmp_path, *args, name="s"):
-    command = [sys.executable, "-m", "fmaml.sweep", "--name", name, "--save-dir", str(tmp_path), *args, *TINY]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-# `python -m fmaml.sweep` whose trials run in its own process (run_trial_in_process): one interpreter start
-# per worker instead of one per trial.
+# `python -m fmaml.sweep` whose trials run in its own process (run_trial_in_process): one process per worker
+# instead of one per trial, forked from the zygote (tests/zygote.py: no 10+ s of imports per worker).
 SWEEP_WITH_TRIALS_IN_PROCESS = f"""
 import sys
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
@@ -193,28 +188,18 @@ sys.exit(fmaml.sweep.main())
 """
 
 
-def sweep_process_with_trials_in_process(tmp_path, *args, name="s"):
-    command = [
-        sys.executable,
-        "-c",
-        SWEEP_WITH_TRIALS_IN_PROCESS,
-        "--name",
-        name,
-        "--save-dir",
-        str(tmp_path),
-    ]
-    return subprocess.Popen(
-        [*command, *args, *TINY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+def sweep_process_with_trials_in_process(zygote, tmp_path, *args, name="s"):
+    command = ["-c", SWEEP_WITH_TRIALS_IN_PROCESS, "--name", name, "--save-dir", str(tmp_path)]
+    return zygote.popen([*command, *args, *TINY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
-def test_two_workers_on_one_storage_run_each_grid_point_once(tmp_path):
+def test_two_workers_on_one_storage_run_each_grid_point_once(zygote, tmp_path):
     """Two sweep processes started together on the same study: the 4 points run once each, in all. What
     is tested is the two processes' coordination through the storage, not how a trial's run starts: the
     trials run inside their worker (a trial's own process: the killed-worker test)."""
     grid = ["--grid", "model.inner_steps=1,2", "--grid", "model.inner_optimizer.lr=0.01,0.02"]
-    workers = [sweep_process_with_trials_in_process(tmp_path, *grid) for _ in range(2)]
+    workers = [sweep_process_with_trials_in_process(zygote, tmp_path, *grid) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     runs = sorted(
@@ -330,11 +315,11 @@ def test_a_trial_behind_the_median_is_pruned_before_its_last_step(trials_in_proc
 
 
 @pytest.mark.slow
-def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(tmp_path):
+def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(zygote, tmp_path):
     """kill -9 a worker (its run dies with it) mid-trial; the trial stays RUNNING in the storage until the
-    sweep resumes: then it is failed for its missing heartbeats and its point retried."""
+    sweep resumes: then it is failed for its missing heartbeats and its point retried. The workers are
+    forked from the zygote (tests/zygote.py); their trials' runs are real `python -m fmaml` processes."""
     command = [
-        sys.executable,
         "-m",
         "fmaml.sweep",
         "--name",
@@ -351,7 +336,7 @@ def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(tmp_path)
         "--trainer.max_steps=-1",
         "--trainer.max_time=00:00:00:04",
     ]
-    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = zygote.popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600  # a guard against a hang only: a busy machine may take minutes
     while time.time() < deadline:
         time.sleep(0.5)
@@ -366,8 +351,9 @@ def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(tmp_path)
     (running,) = study(tmp_path).trials
     assert running.state == optuna.trial.TrialState.RUNNING
     time.sleep(4)  # past the grace period (3 heartbeats) without a heartbeat
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    resumed = zygote.popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
     first, retry = sorted(study(tmp_path).trials, key=lambda t: t.number)
     assert first.state == optuna.trial.TrialState.FAIL
     assert retry.state == optuna.trial.TrialState.COMPLETE
