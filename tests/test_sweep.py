@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
@@ -151,20 +152,35 @@ def run_trial_in_process(cmd, log_dir, storage, trial_id, heartbeat):
     """fmaml.sweep.run_trial without the interpreter start (10+ s of imports each): the trial's `python -m
     fmaml` command through `command_line` here, its output to <log_dir>/output.log and its exit status as
     the process's would be. For the tests of what the sweep does with trials; the process itself (Popen,
-    heartbeats while it runs, a killed worker's trial) is what the two-worker and killed-worker tests run."""
+    heartbeats while it runs, a killed worker's trial) is what the killed-worker test runs."""
     assert cmd[:3] == [sys.executable, "-m", "fmaml"], cmd
     os.makedirs(log_dir, exist_ok=True)
     storage.record_heartbeat(trial_id)
+    done = threading.Event()
+
+    def beat():  # heartbeats while the run trains, as run_trial sends them while its process runs
+        while not done.wait(heartbeat):
+            storage.record_heartbeat(trial_id)
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
     start = time.perf_counter()
-    with open(os.path.join(log_dir, "output.log"), "w") as f, redirect_stdout(f), redirect_stderr(f):
-        print(shlex.join(cmd) + "\n", flush=True)
-        try:
-            code = command_line(cmd[3:])
-        except SystemExit as stop:  # as the interpreter turns it into an exit status
-            code = stop.code if isinstance(stop.code, int) else 1
-        except Exception:
-            traceback.print_exc()
-            code = 1
+    try:
+        with open(os.path.join(log_dir, "output.log"), "w") as f, redirect_stdout(f), redirect_stderr(f):
+            print(shlex.join(cmd) + "\n", flush=True)
+            # A trial's own process spends its first seconds importing: a test that kills the worker
+            # mid-trial sets this to keep the trial there (heartbeats going) until the kill.
+            time.sleep(float(os.environ.get("FMAML_TEST_TRIAL_START_S", "0")))
+            try:
+                code = command_line(cmd[3:])
+            except SystemExit as stop:  # as the interpreter turns it into an exit status
+                code = stop.code if isinstance(stop.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        done.set()
+        beating.join()
     return code, time.perf_counter() - start
 
 
@@ -318,25 +334,11 @@ def test_a_trial_behind_the_median_is_pruned_before_its_last_step(trials_in_proc
 def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(zygote, tmp_path):
     """kill -9 a worker (its run dies with it) mid-trial; the trial stays RUNNING in the storage until the
     sweep resumes: then it is failed for its missing heartbeats and its point retried. The workers are
-    forked from the zygote (tests/zygote.py); their trials' runs are real `python -m fmaml` processes."""
-    command = [
-        "-m",
-        "fmaml.sweep",
-        "--name",
-        "s",
-        "--save-dir",
-        str(tmp_path),
-        "--heartbeat",
-        "1",
-    ]
-    command += [
-        "--grid",
-        "model.inner_steps=1",
-        *TINY,
-        "--trainer.max_steps=-1",
-        "--trainer.max_time=00:00:00:04",
-    ]
-    worker = zygote.popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    forked from the zygote (tests/zygote.py); the killed one's trial runs in a real `python -m fmaml`
+    process; the resumed one's trial inside it (run_trial_in_process: what is tested there is the retry)."""
+    args = ["--name", "s", "--save-dir", str(tmp_path), "--heartbeat", "1", "--grid", "model.inner_steps=1"]
+    args += [*TINY, "--trainer.max_steps=-1", "--trainer.max_time=00:00:00:04"]
+    worker = zygote.popen(["-m", "fmaml.sweep", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600  # a guard against a hang only: a busy machine may take minutes
     while time.time() < deadline:
         time.sleep(0.5)
@@ -351,6 +353,7 @@ def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(zygote, t
     (running,) = study(tmp_path).trials
     assert running.state == optuna.trial.TrialState.RUNNING
     time.sleep(4)  # past the grace period (3 heartbeats) without a heartbeat
+    command = ["-c", SWEEP_WITH_TRIALS_IN_PROCESS, *args]
     resumed = zygote.popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output

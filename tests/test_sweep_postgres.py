@@ -20,11 +20,11 @@ import time
 
 import optuna
 import pytest
-from test_sweep import TINY
+from test_sweep import SWEEP_WITH_TRIALS_IN_PROCESS, TINY
 
 from fmaml.sweep import Retry, main
 
-# Each trial is a fresh `python -m fmaml` (10+ s of imports): no strategy measurement on top.
+# No strategy measurement in each trial.
 RUN = [*TINY, "--model.strategy=loop"]
 State = optuna.trial.TrialState
 
@@ -106,14 +106,18 @@ def database(postgres, request):
     return f"{postgres}/{name}"
 
 
-def worker(zygote, machine, url: str, *args: str):
+def worker(zygote, machine, url: str, *args: str, trial_start_s: float = 0):
     """`python -m fmaml.sweep` as on one machine: its own working folder, its logs in <machine>/logs; its own
     process group, so that killing it kills its trial's run too. Forked from the zygote (tests/zygote.py:
-    no 10+ s of imports); its trials' runs are real `python -m fmaml` processes."""
+    no 10+ s of imports), its trials run inside it (test_sweep.run_trial_in_process, heartbeats included):
+    what is tested is the workers' coordination through the database. A trial's own process, and that it
+    dies with its killed worker: test_sweep's killed-worker test. trial_start_s: how long each trial waits
+    before its run starts (a fresh process's imports), heartbeats going."""
     machine.mkdir(exist_ok=True)
-    command = ["-m", "fmaml.sweep", "--name", "s", "--storage", url, *args, *RUN]
+    command = ["-c", SWEEP_WITH_TRIALS_IN_PROCESS, "--name", "s", "--storage", url, *args, *RUN]
     return zygote.popen(
         command,
+        env=os.environ | {"FMAML_TEST_TRIAL_START_S": str(trial_start_s)},
         cwd=machine,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -195,7 +199,7 @@ def test_a_search_survives_a_killed_machine_and_reads_its_best_trial_from_the_da
     the two trials the machines complete is read back from the database."""
     a, b = tmp_path / "a", tmp_path / "b"
     search = ["--search", "model.inner_optimizer.lr=log:0.001:0.1", "--trials", "2", "--heartbeat", "1"]
-    killed = worker(zygote, a, database, *search)
+    killed = worker(zygote, a, database, *search, trial_start_s=600)  # killed before its run starts
     wait_for_running_trial(database, a)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.communicate()

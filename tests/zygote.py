@@ -145,7 +145,8 @@ def serve(path: str) -> None:
     global TORCH_THREADS
     import torch
 
-    TORCH_THREADS = torch.get_num_threads()  # as a fresh interpreter without OMP_NUM_THREADS would have
+    # A fresh interpreter's thread count (this one's environment is the test process's): a query, no pool.
+    TORCH_THREADS = torch.get_num_threads()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
@@ -295,13 +296,11 @@ class Zygote:
 
     def __init__(self, folder: str):
         self.path = os.path.join(str(folder), "zygote.sock")
-        env = os.environ | {"OMP_NUM_THREADS": "1"}  # the zygote runs no torch op; its children set theirs
         self._process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--serve", self.path],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env=env,
         )
         line = self._process.stdout.readline()
         if line.strip() != "ready":
