@@ -121,7 +121,8 @@ part_plot() {
 }
 
 part_memory() {
-    $PY benchmarks/memory.py --device "$DEVICE" --engines $(pick loop,loop+recompute,vmap,vmap+recompute loop,vmap+recompute) \
+    $PY benchmarks/memory.py --device "$DEVICE" \
+        --engines $(pick loop,loop+recompute,vmap,vmap+recompute loop,vmap+recompute) \
         --steps-sweep $(pick 1,5,20 1) --meta-batch $(pick 8 1) --batch-sweep '' --case-timeout $(pick 30 "$1") \
         --repeats $(pick 3 1) --warmup 1 --json "$OUT_DIR/memory_gpu.json" --plot "$OUT_DIR/memory_gpu.png"
 }

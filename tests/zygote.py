@@ -296,6 +296,10 @@ class Zygote:
 
     def __init__(self, folder: str):
         self.path = os.path.join(str(folder), "zygote.sock")
+        if len(self.path) > 100:  # a unix socket's path has at most 107 bytes
+            import tempfile
+
+            self.path = os.path.join(tempfile.mkdtemp(prefix="fmaml-zygote-", dir="/tmp"), "zygote.sock")
         self._process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--serve", self.path],
             stdin=subprocess.PIPE,
