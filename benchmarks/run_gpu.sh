@@ -45,9 +45,9 @@
 #
 # Smoke mode (SMOKE=1 or --smoke): --device cpu, 1 warm-up and 1 timed step, meta-batches of 1 or 2, 1 inner
 # step, torch.compile with the `eager` backend (dynamo traces, no code generation: an inductor compile takes
-# minutes on a CPU) and no engine subprocesses, memory.py with one case, auto_vs_fixed on the sinusoid, time
-# to accuracy on the tiny Omniglot of tests/fixtures.py (written into OUT_DIR/smoke_data) with target 0.2,
-# bf16 under vmap only; every limit is SMOKE_LIMIT (default 300 s).
+# minutes on a CPU) and no engine subprocesses, memory.py with two cases (loop and vmap+recompute),
+# auto_vs_fixed on the sinusoid, time to accuracy on the tiny Omniglot of tests/fixtures.py (written into
+# OUT_DIR/smoke_data) with target 0.2, bf16 under vmap only; every limit is SMOKE_LIMIT (default 300 s).
 # Environment: PY (default "uv run python"; PY=python where fmaml is installed), REPEATS (timed steps, default
 # 5), WARMUP (default 2), ENGINE_TIMEOUT, OUT_DIR, PARTS, LIMIT_<part>, SMOKE, SMOKE_LIMIT; for the suite's
 # test only, FAIL_PART="<part>[:hang] ...": those parts fail (exit 3) or hang past a 1 s limit instead of running.
@@ -121,7 +121,8 @@ part_plot() {
 }
 
 part_memory() {
-    $PY benchmarks/memory.py --device "$DEVICE" --engines $(pick loop,loop+recompute,vmap,vmap+recompute loop) \
+    $PY benchmarks/memory.py --device "$DEVICE" \
+        --engines $(pick loop,loop+recompute,vmap,vmap+recompute loop,vmap+recompute) \
         --steps-sweep $(pick 1,5,20 1) --meta-batch $(pick 8 1) --batch-sweep '' --case-timeout $(pick 30 "$1") \
         --repeats $(pick 3 1) --warmup 1 --json "$OUT_DIR/memory_gpu.json" --plot "$OUT_DIR/memory_gpu.png"
 }

@@ -1,14 +1,20 @@
 """Test-wide settings."""
 
+import os
+
 import pytest
+
+# One torch thread per test process (before anything imports torch), and in the processes the tests start
+# (the variable is inherited): the parallelism is pytest-xdist's, one worker per core. Two workers of two
+# OpenMP threads each on two cores spin-wait on each other: on a busy 2-core machine, test_cli's Omniglot
+# fast_dev_run tests took 132 s of CPU time with two threads, 30 s with one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
 def auto_strategy_cache(tmp_path_factory):
     """strategy="auto" caches its measurements per device, model and shapes: keep the tests' out of the
     user's cache, shared by the whole session (so two runs of one setting make the same choice)."""
-    import os
-
     folder = tmp_path_factory.mktemp("fmaml-cache")
     previous = os.environ.get("FMAML_CACHE_DIR")
     os.environ["FMAML_CACHE_DIR"] = str(folder)
@@ -17,3 +23,14 @@ def auto_strategy_cache(tmp_path_factory):
         del os.environ["FMAML_CACHE_DIR"]
     else:
         os.environ["FMAML_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def zygote(tmp_path_factory, auto_strategy_cache):
+    """A fork server that has imported fmaml once (tests/zygote.py): a real process per request, started
+    in milliseconds instead of an interpreter's 10+ s of imports. One per test process (xdist worker)."""
+    from zygote import Zygote
+
+    server = Zygote(tmp_path_factory.mktemp("zygote"))
+    yield server
+    server.close()

@@ -1,8 +1,10 @@
-"""The benchmark script runs end to end on a tiny workload and its records are sane."""
+"""The benchmark script runs end to end on a tiny workload and its records are sane. Each runs in a process
+of its own, forked from the zygote (tests/zygote.py: without 10+ s of imports each). memory.py with the
+default SGD inner loop (loop and vmap+recompute, each case in its own process) and auto_vs_fixed.py on the
+sinusoid run in benchmarks/run_gpu.sh's smoke mode: tests/test_run_gpu_smoke.py asserts their records."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_higher.py"
@@ -19,13 +21,21 @@ KEYS = {
 }
 
 
-def test_bench_vs_higher_smoke(tmp_path):
+def test_bench_vs_higher_smoke(tmp_path, zygote):
     out = tmp_path / "bench.json"
     engines = ["higher", "torchfunc_loop", "fmaml_vmap", "fmaml_loop", "fmaml_first_order"]
     arguments = (
         "--workload sinusoid --meta-batch 2 --inner-steps 1 --device cpu --isolate no --repeats 2 --warmup 1"
     )
-    command = [sys.executable, str(SCRIPT), *arguments.split(), "--json", str(out), "--engines", *engines]
+    command = [
+        *zygote.run_command(),
+        str(SCRIPT),
+        *arguments.split(),
+        "--json",
+        str(out),
+        "--engines",
+        *engines,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| sinusoid |" in done.stdout  # the markdown table
@@ -40,14 +50,22 @@ def test_bench_vs_higher_smoke(tmp_path):
         assert record["max_grad_diff"] < 1e-5, record  # float32, identical weights and tasks
 
 
-def test_bench_vs_higher_inner_optimizers_smoke(tmp_path):
+def test_bench_vs_higher_inner_optimizers_smoke(tmp_path, zygote):
     """--inner-optimizer: higher and fmaml run the same torch.optim rule (2 steps, so momentum and Adam's
     moments matter); the hand-written SGD loop is refused by name; Adam's known difference is recorded."""
     out = tmp_path / "bench.json"
     engines = ["higher", "torchfunc_loop", "fmaml_vmap", "fmaml_loop"]
     arguments = "--workload sinusoid --meta-batch 2 --inner-steps 2 --device cpu --isolate no --repeats 1"
     arguments += " --warmup 0 --inner-optimizer sgd_momentum adam"
-    command = [sys.executable, str(SCRIPT), *arguments.split(), "--json", str(out), "--engines", *engines]
+    command = [
+        *zygote.run_command(),
+        str(SCRIPT),
+        *arguments.split(),
+        "--json",
+        str(out),
+        "--engines",
+        *engines,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| sinusoid | adam | 2 | 2 | cpu | fmaml_vmap |" in done.stdout
@@ -69,7 +87,7 @@ def test_bench_vs_higher_inner_optimizers_smoke(tmp_path):
             assert 1e-5 < record["max_grad_rel_diff"] < 1e-1, record
 
 
-def test_bench_vs_higher_compare(tmp_path):
+def test_bench_vs_higher_compare(tmp_path, zygote):
     """--compare pools each side's timed steps per case (over the runs a file holds) and divides medians."""
 
     def record(engine, times, workload="sinusoid"):
@@ -78,7 +96,7 @@ def test_bench_vs_higher_compare(tmp_path):
     base, head, out = tmp_path / "base.json", tmp_path / "head.json", tmp_path / "ab.json"
     base.write_text(json.dumps([record("fmaml_vmap", [1, 2, 3]), record("fmaml_vmap", [5])]))
     head.write_text(json.dumps([record("fmaml_vmap", [2, 4, 6]), record("fmaml_loop", [1])]))
-    command = [sys.executable, str(SCRIPT), "--compare", str(base), str(head), "--json", str(out)]
+    command = [*zygote.run_command(), str(SCRIPT), "--compare", str(base), str(head), "--json", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     (row,) = json.loads(out.read_text())  # fmaml_loop is in one file only: left out
@@ -92,26 +110,11 @@ def test_bench_vs_higher_compare(tmp_path):
     assert row["head_over_base"] == 1.6
 
 
-def test_memory_benchmark_smoke(tmp_path):
-    """benchmarks/memory.py: each case in its own process, a record per (engine, value), growth >= 0."""
-    out = tmp_path / "memory.json"
-    script = SCRIPT.parent / "memory.py"
-    command = [sys.executable, str(script), "--workload", "sinusoid", "--device", "cpu", "--engines"]
-    command += ["loop,vmap+recompute", "--steps-sweep", "1", "--meta-batch", "2", "--batch-sweep", ""]
-    command += ["--repeats", "1", "--json", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    records = json.loads(out.read_text())
-    assert [r["engine"] for r in records] == ["loop", "vmap+recompute"]
-    for record in records:
-        assert record["status"] == "ok" and record["median_ms"] > 0 and record["growth_mb"] >= 0, record
-
-
-def test_memory_benchmark_adam_smoke(tmp_path):
+def test_memory_benchmark_adam_smoke(tmp_path, zygote):
     """--inner-optimizer adam reaches every case, higher's and the recompute recursion's over Adam's state."""
     out = tmp_path / "memory.json"
     script = SCRIPT.parent / "memory.py"
-    command = [sys.executable, str(script), "--workload", "sinusoid", "--device", "cpu", "--engines"]
+    command = [*zygote.run_command(), str(script), "--workload", "sinusoid", "--device", "cpu", "--engines"]
     command += ["higher,loop+recompute", "--steps-sweep", "2", "--meta-batch", "2", "--batch-sweep", ""]
     command += ["--inner-optimizer", "adam", "--repeats", "1", "--json", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -124,14 +127,3 @@ def test_memory_benchmark_adam_smoke(tmp_path):
     ]
     for record in records:
         assert record["status"] == "ok" and record["median_ms"] > 0 and record["growth_mb"] >= 0, record
-
-
-def test_auto_vs_fixed_smoke(tmp_path):
-    out = tmp_path / "auto.json"
-    script = SCRIPT.parent / "auto_vs_fixed.py"
-    command = [sys.executable, str(script), "--workloads", "sinusoid", "--rounds", "1", "--device", "cpu"]
-    done = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (record,) = json.loads(out.read_text())
-    assert record["chosen"] in record["medians_ms"] and record["auto_over_fastest"] >= 1.0
-    assert record["measuring_seconds"] > 0

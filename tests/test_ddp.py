@@ -120,8 +120,10 @@ def test_each_process_gets_its_share_of_tasks():
 
 
 @pytest.mark.slow
-def test_cli_fit_and_test_with_ddp(tmp_path, monkeypatch, capsys):
-    """`python -m fmaml fit|test --trainer.strategy=ddp --trainer.devices=2` as a user runs it."""
+def test_cli_fit_and_test_with_ddp(zygote, tmp_path, monkeypatch, capsys):
+    """`python -m fmaml fit|test --trainer.strategy=ddp --trainer.devices=2` as a user runs it: the fit in a
+    fresh interpreter; the test's first process forked from the zygote (tests/zygote.py: no 10+ s of
+    imports), Lightning starting the second as a fresh `python -m fmaml` (as for the fit)."""
     common = [
         "--config",
         os.path.join(REPO, "configs", "sinusoid.yaml"),
@@ -134,18 +136,20 @@ def test_cli_fit_and_test_with_ddp(tmp_path, monkeypatch, capsys):
         "--data.num_test_tasks=5",  # uneven: 3 + 2 tasks, gathered for the confidence interval
     ]
 
-    def run(subcommand, *args):  # --config first: what follows it overrides it
-        result = subprocess.run(
-            [sys.executable, "-m", "fmaml", subcommand, *common, *args],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return result.stdout
+    def run(subcommand, *args, fresh=False):  # --config first: what follows it overrides it
+        command = ["-m", "fmaml", subcommand, *common, *args]
+        with open(tmp_path / f"{subcommand}.stderr", "w+") as stderr:
+            streams = dict(stdout=subprocess.PIPE, stderr=stderr, text=True)
+            if fresh:
+                process = subprocess.Popen([sys.executable, *command], cwd=tmp_path, **streams)
+            else:
+                process = zygote.popen(command, cwd=tmp_path, **streams)
+            output = process.communicate(timeout=300)[0]
+            stderr.seek(0)
+            assert process.returncode == 0, output[-3000:] + stderr.read()[-3000:]
+        return output
 
-    run("fit", "--trainer.max_steps=2", "--trainer.val_check_interval=2")
+    run("fit", "--trainer.max_steps=2", "--trainer.val_check_interval=2", fresh=True)
     last = tmp_path / "logs" / "fmaml" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 2
     # Test on 2 processes (3 + 2 tasks) against 1 process on the same 5 tasks: the same per-task values

@@ -16,7 +16,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -75,10 +74,20 @@ OMNIGLOT = [
 ]  # fmt: skip
 
 
-def fit_process(folder, args, resume: bool, kill_during_save: int = 0) -> subprocess.Popen:
+def fit_process(zygote, folder, args, resume: bool, kill_during_save: int = 0):
+    """The fit in a process of its own, forked from the zygote (tests/zygote.py: fmaml already imported), its
+    output to a log file in `folder`; returns (process, log path)."""
     env = os.environ | {"KILL_DURING_SAVE": str(kill_during_save), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", CHILD, "fit", *args, *QUIET, *(["--ckpt_path=last"] if resume else [])]
-    return subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = ["-c", CHILD, "fit", *args, *QUIET, *(["--ckpt_path=last"] if resume else [])]
+    log = os.path.join(folder, f"process-{len(glob.glob(os.path.join(folder, 'process-*.log')))}.log")
+    with open(log, "w") as output:
+        return zygote.popen(command, cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT), log
+
+
+def output_of(process, log) -> str:
+    process.wait(timeout=300)
+    with open(log, errors="replace") as f:
+        return f.read()
 
 
 def last_checkpoint(folder) -> str | None:
@@ -91,7 +100,7 @@ def saved_at(folder) -> float:
     return os.stat(path).st_mtime_ns if path else 0
 
 
-def train_with_kills(folder, args, random_kills: int, kills_in_writes: list[int], seed: int) -> dict:
+def train_with_kills(zygote, folder, args, random_kills: int, kills_in_writes: list[int], seed: int) -> dict:
     """Train to the end through the given kills (in a seeded random order), resuming with `--ckpt_path last`
     after each; returns counts. Every process but the last must die by SIGKILL: a resume that fails on a
     half-written checkpoint exits with an error instead, and fails the test."""
@@ -104,7 +113,7 @@ def train_with_kills(folder, args, random_kills: int, kills_in_writes: list[int]
         resume = last_checkpoint(folder) is not None
         before = saved_at(folder)
         if kind == "random":
-            process = fit_process(folder, args, resume)
+            process, log = fit_process(zygote, folder, args, resume)
             deadline = time.time() + 600  # a guard against a hang only: a busy machine may take minutes
             # Kill once this process has saved (so each kill is past some progress), a random moment later:
             # in a step, in validation or in the middle of a write.
@@ -113,15 +122,15 @@ def train_with_kills(folder, args, random_kills: int, kills_in_writes: list[int]
             time.sleep(rng.uniform(0.0, 0.3))
             process.send_signal(signal.SIGKILL)
         else:
-            process = fit_process(folder, args, resume, kill_during_save=int(kind.split(":")[1]))
-        output = process.communicate(timeout=300)[0].decode(errors="replace")
+            process, log = fit_process(zygote, folder, args, resume, kill_during_save=int(kind.split(":")[1]))
+        output = output_of(process, log)
         assert process.returncode == -signal.SIGKILL, (
             f"{kind}: exit {process.returncode}, not killed:\n{output[-3000:]}"
         )
         path = last_checkpoint(folder)
         steps_at_kill.append(torch.load(path, weights_only=False)["global_step"] if path else 0)
-    process = fit_process(folder, args, resume=True)
-    output = process.communicate(timeout=300)[0].decode(errors="replace")
+    process, log = fit_process(zygote, folder, args, resume=True)
+    output = output_of(process, log)
     assert process.returncode == 0, output[-3000:]
     partials = glob.glob(os.path.join(folder, "logs", "fmaml", "version_*", "checkpoints", ".*.partial"))
     return {"kills": len(plan), "steps_at_kill": steps_at_kill, "partials_left": len(partials)}
@@ -177,9 +186,9 @@ def last_logged_values(folder) -> dict[tuple[str, int], float]:
     return {(tag, step): number for _, tag, step, number in sorted(events, key=lambda e: e[0])}
 
 
-def check_kills(tmp_path, args, random_kills, kills_in_writes, seed):
+def check_kills(zygote, tmp_path, args, random_kills, kills_in_writes, seed):
     uninterrupted(tmp_path / "whole", args)
-    report = train_with_kills(tmp_path / "killed", args, random_kills, kills_in_writes, seed)
+    report = train_with_kills(zygote, tmp_path / "killed", args, random_kills, kills_in_writes, seed)
     whole = torch.load(last_checkpoint(tmp_path / "whole"), weights_only=False)
     killed = torch.load(last_checkpoint(tmp_path / "killed"), weights_only=False)
     assert killed["global_step"] == whole["global_step"]
@@ -204,18 +213,18 @@ def check_kills(tmp_path, args, random_kills, kills_in_writes, seed):
     return report
 
 
-def test_sinusoid_survives_sigkill_at_random_moments_and_during_writes(tmp_path):
-    report = check_kills(tmp_path, SINUSOID, random_kills=2, kills_in_writes=[2], seed=0)
+def test_sinusoid_survives_sigkill_at_random_moments_and_during_writes(zygote, tmp_path):
+    report = check_kills(zygote, tmp_path, SINUSOID, random_kills=2, kills_in_writes=[2], seed=0)
     assert report["kills"] == 3
     # Progress between kills: never back, and killed at different steps, not always at the start.
     steps = report["steps_at_kill"]
     assert steps == sorted(steps) and len(set(steps)) >= 2, report
 
 
-def test_tiny_omniglot_survives_sigkill_with_time_based_checkpoints(tmp_path, tmp_path_factory):
+def test_tiny_omniglot_survives_sigkill_with_time_based_checkpoints(zygote, tmp_path, tmp_path_factory):
     root = tiny_omniglot_root(tmp_path_factory)
     report = check_kills(
-        tmp_path, [*OMNIGLOT, f"--data.root={root}"], random_kills=1, kills_in_writes=[1], seed=1
+        zygote, tmp_path, [*OMNIGLOT, f"--data.root={root}"], random_kills=1, kills_in_writes=[1], seed=1
     )
     assert report["kills"] == 2
 

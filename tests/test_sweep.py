@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
@@ -179,20 +180,35 @@ def run_trial_in_process(cmd, log_dir, storage, trial_id, heartbeat):
     """fmaml.sweep.run_trial without the interpreter start (10+ s of imports each): the trial's `python -m
     fmaml` command through `command_line` here, its output to <log_dir>/output.log and its exit status as
     the process's would be. For the tests of what the sweep does with trials; the process itself (Popen,
-    heartbeats while it runs, a killed worker's trial) is what the two-worker and killed-worker tests run."""
+    heartbeats while it runs, a killed worker's trial) is what the killed-worker test runs."""
     assert cmd[:3] == [sys.executable, "-m", "fmaml"], cmd
     os.makedirs(log_dir, exist_ok=True)
     storage.record_heartbeat(trial_id)
+    done = threading.Event()
+
+    def beat():  # heartbeats while the run trains, as run_trial sends them while its process runs
+        while not done.wait(heartbeat):
+            storage.record_heartbeat(trial_id)
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
     start = time.perf_counter()
-    with open(os.path.join(log_dir, "output.log"), "w") as f, redirect_stdout(f), redirect_stderr(f):
-        print(shlex.join(cmd) + "\n", flush=True)
-        try:
-            code = command_line(cmd[3:])
-        except SystemExit as stop:  # as the interpreter turns it into an exit status
-            code = stop.code if isinstance(stop.code, int) else 1
-        except Exception:
-            traceback.print_exc()
-            code = 1
+    try:
+        with open(os.path.join(log_dir, "output.log"), "w") as f, redirect_stdout(f), redirect_stderr(f):
+            print(shlex.join(cmd) + "\n", flush=True)
+            # A trial's own process spends its first seconds importing: a test that kills the worker
+            # mid-trial sets this to keep the trial there (heartbeats going) until the kill.
+            time.sleep(float(os.environ.get("FMAML_TEST_TRIAL_START_S", "0")))
+            try:
+                code = command_line(cmd[3:])
+            except SystemExit as stop:  # as the interpreter turns it into an exit status
+                code = stop.code if isinstance(stop.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        done.set()
+        beating.join()
     return code, time.perf_counter() - start
 
 
@@ -205,13 +221,8 @@ def study(tmp_path, name="s"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/sweeps/{name}/optuna.db")
 
 
-def sweep_process(tmp_path, *args, name="s"):
-    command = [sys.executable, "-m", "fmaml.sweep", "--name", name, "--save-dir", str(tmp_path), *args, *TINY]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-# `python -m fmaml.sweep` whose trials run in its own process (run_trial_in_process): one interpreter start
-# per worker instead of one per trial.
+# `python -m fmaml.sweep` whose trials run in its own process (run_trial_in_process): one process per worker
+# instead of one per trial, forked from the zygote (tests/zygote.py: no 10+ s of imports per worker).
 SWEEP_WITH_TRIALS_IN_PROCESS = f"""
 import sys
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
@@ -221,28 +232,18 @@ sys.exit(fmaml.sweep.main())
 """
 
 
-def sweep_process_with_trials_in_process(tmp_path, *args, name="s"):
-    command = [
-        sys.executable,
-        "-c",
-        SWEEP_WITH_TRIALS_IN_PROCESS,
-        "--name",
-        name,
-        "--save-dir",
-        str(tmp_path),
-    ]
-    return subprocess.Popen(
-        [*command, *args, *TINY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+def sweep_process_with_trials_in_process(zygote, tmp_path, *args, name="s"):
+    command = ["-c", SWEEP_WITH_TRIALS_IN_PROCESS, "--name", name, "--save-dir", str(tmp_path)]
+    return zygote.popen([*command, *args, *TINY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
-def test_two_workers_on_one_storage_run_each_grid_point_once(tmp_path):
+def test_two_workers_on_one_storage_run_each_grid_point_once(zygote, tmp_path):
     """Two sweep processes started together on the same study: the 4 points run once each, in all. What
     is tested is the two processes' coordination through the storage, not how a trial's run starts: the
     trials run inside their worker (a trial's own process: the killed-worker test)."""
     grid = ["--grid", "model.inner_loop.steps=1,2", "--grid", "model.inner_loop.optimizer.lr=0.01,0.02"]
-    workers = [sweep_process_with_trials_in_process(tmp_path, *grid) for _ in range(2)]
+    workers = [sweep_process_with_trials_in_process(zygote, tmp_path, *grid) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     runs = sorted(
@@ -291,7 +292,7 @@ def test_search_reports_its_best_trial_from_the_storage(trials_in_process, tmp_p
 
 @pytest.mark.slow
 def test_a_failing_trial_is_recorded_failed_and_the_sweep_goes_on(trials_in_process, tmp_path, capsys):
-    """inner_loop.steps=0 is refused at start-up: that first trial fails, the next one completes."""
+    """steps=0 is refused at start-up: that first trial fails, the next one completes."""
     code = main(["--name", "s", "--save-dir", str(tmp_path), "--grid", "model.inner_loop.steps=0,2", *TINY])
     out = capsys.readouterr().out
     assert code == 1
@@ -363,28 +364,23 @@ def test_a_trial_behind_the_median_is_pruned_before_its_last_step(trials_in_proc
 
 
 @pytest.mark.slow
-def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(tmp_path):
+def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(zygote, tmp_path):
     """kill -9 a worker (its run dies with it) mid-trial; the trial stays RUNNING in the storage until the
-    sweep resumes: then it is failed for its missing heartbeats and its point retried."""
-    command = [
-        sys.executable,
-        "-m",
-        "fmaml.sweep",
+    sweep resumes: then it is failed for its missing heartbeats and its point retried. The workers are
+    forked from the zygote (tests/zygote.py); the killed one's trial runs in a real `python -m fmaml`
+    process; the resumed one's trial inside it (run_trial_in_process: what is tested there is the retry)."""
+    args = [
         "--name",
         "s",
         "--save-dir",
         str(tmp_path),
         "--heartbeat",
         "1",
-    ]
-    command += [
         "--grid",
         "model.inner_loop.steps=1",
-        *TINY,
-        "--trainer.max_steps=-1",
-        "--trainer.max_time=00:00:00:04",
     ]
-    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args += [*TINY, "--trainer.max_steps=-1", "--trainer.max_time=00:00:00:04"]
+    worker = zygote.popen(["-m", "fmaml.sweep", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600  # a guard against a hang only: a busy machine may take minutes
     while time.time() < deadline:
         time.sleep(0.5)
@@ -399,8 +395,10 @@ def test_a_killed_workers_trial_is_failed_and_retried_not_left_running(tmp_path)
     (running,) = study(tmp_path).trials
     assert running.state == optuna.trial.TrialState.RUNNING
     time.sleep(4)  # past the grace period (3 heartbeats) without a heartbeat
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    command = ["-c", SWEEP_WITH_TRIALS_IN_PROCESS, *args]
+    resumed = zygote.popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
     first, retry = sorted(study(tmp_path).trials, key=lambda t: t.number)
     assert first.state == optuna.trial.TrialState.FAIL
     assert retry.state == optuna.trial.TrialState.COMPLETE

@@ -20,11 +20,11 @@ import time
 
 import optuna
 import pytest
-from test_sweep import TINY
+from test_sweep import SWEEP_WITH_TRIALS_IN_PROCESS, TINY
 
 from fmaml.sweep import Retry, main
 
-# Each trial is a fresh `python -m fmaml` (10+ s of imports): no strategy measurement on top.
+# No strategy measurement in each trial.
 RUN = [*TINY, "--model.execution.strategy=loop"]
 State = optuna.trial.TrialState
 
@@ -106,13 +106,18 @@ def database(postgres, request):
     return f"{postgres}/{name}"
 
 
-def worker(machine, url: str, *args: str) -> subprocess.Popen:
+def worker(zygote, machine, url: str, *args: str, trial_start_s: float = 0):
     """`python -m fmaml.sweep` as on one machine: its own working folder, its logs in <machine>/logs; its own
-    process group, so that killing it kills its trial's run too."""
+    process group, so that killing it kills its trial's run too. Forked from the zygote (tests/zygote.py:
+    no 10+ s of imports), its trials run inside it (test_sweep.run_trial_in_process, heartbeats included):
+    what is tested is the workers' coordination through the database. A trial's own process, and that it
+    dies with its killed worker: test_sweep's killed-worker test. trial_start_s: how long each trial waits
+    before its run starts (a fresh process's imports), heartbeats going."""
     machine.mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "fmaml.sweep", "--name", "s", "--storage", url, *args, *RUN]
-    return subprocess.Popen(
+    command = ["-c", SWEEP_WITH_TRIALS_IN_PROCESS, "--name", "s", "--storage", url, *args, *RUN]
+    return zygote.popen(
         command,
+        env=os.environ | {"FMAML_TEST_TRIAL_START_S": str(trial_start_s)},
         cwd=machine,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -121,7 +126,7 @@ def worker(machine, url: str, *args: str) -> subprocess.Popen:
     )
 
 
-def finish(*workers: subprocess.Popen) -> list[str]:
+def finish(*workers) -> list[str]:
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0] * len(workers), "\n\n".join(outputs)
     return outputs
@@ -152,9 +157,9 @@ def test_a_postgresql_url_without_its_driver_says_which_extra_to_install(tmp_pat
 
 
 @pytest.mark.slow
-def test_two_machines_run_each_grid_point_once(database, tmp_path):
+def test_two_machines_run_each_grid_point_once(zygote, database, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    outputs = finish(*(worker(m, database, "--grid", "model.inner_loop.steps=1,2") for m in (a, b)))
+    outputs = finish(*(worker(zygote, m, database, "--grid", "model.inner_loop.steps=1,2") for m in (a, b)))
     points = [run.split("-", 1)[1] for run in runs(a) + runs(b)]
     assert sorted(points) == ["steps=1", "steps=2"], (runs(a), runs(b))
     stored = trials(database)
@@ -185,20 +190,22 @@ def wait_for_running_trial(url: str, machine, timeout: float = 120) -> None:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # retried_trial_number
-def test_a_search_survives_a_killed_machine_and_reads_its_best_trial_from_the_database(database, tmp_path):
+def test_a_search_survives_a_killed_machine_and_reads_its_best_trial_from_the_database(
+    zygote, database, tmp_path
+):
     """SIGKILL machine a's worker (and its trial's run) mid-trial. Once its heartbeats are past their grace
     period (3 heartbeats), machine a restarts its worker and machine b joins: one of them fails the killed
     trial and enqueues its retry (same parameters), which takes its place among the --trials; the best of
     the two trials the machines complete is read back from the database."""
     a, b = tmp_path / "a", tmp_path / "b"
     search = ["--search", "model.inner_loop.optimizer.lr=log:0.001:0.1", "--trials", "2", "--heartbeat", "1"]
-    killed = worker(a, database, *search)
+    killed = worker(zygote, a, database, *search, trial_start_s=600)  # killed before its run starts
     wait_for_running_trial(database, a)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.communicate()
     assert [t.state for t in trials(database)] == [State.RUNNING]
     time.sleep(3.5)
-    outputs = finish(worker(a, database, *search), worker(b, database, *search))
+    outputs = finish(worker(zygote, a, database, *search), worker(zygote, b, database, *search))
     first, retry, sampled = trials(database)
     assert [t.state for t in (first, retry, sampled)] == [State.FAIL, State.COMPLETE, State.COMPLETE], outputs
     assert retry.params == first.params and Retry.retried_trial_number(retry) == first.number
