@@ -105,7 +105,7 @@ class Choice:
         )
 
 
-def check_compile(strategy: str, compile: bool, prefix: str = "model.execution.") -> None:
+def check_compile(strategy: str, compile: bool, prefix: str) -> None:
     """Refuse compile with strategy="auto" at start-up. Auto times the eager meta-loss, so its choice
     would describe another program than the compiled one that runs; measuring what runs would cost a
     compile per candidate (tens of seconds to minutes each, where a compile hangs for minutes on CPU conv

@@ -87,7 +87,7 @@ def warn_ignored_model_settings(module) -> None:
 
 def warn_ignored_run_settings(subcommand: str, config) -> None:
     """Settings that do nothing in this command (the CLI's config, before anything is built)."""
-    path = config.get("per_task_csv", {}).get("path") if config.get("per_task_csv") else None
+    path = (config.get("per_task_csv") or {}).get("path")
     if path and subcommand != "test":
         warn_ignored(
             "per_task_csv.path",

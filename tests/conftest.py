@@ -25,6 +25,15 @@ def auto_strategy_cache(tmp_path_factory):
         os.environ["FMAML_CACHE_DIR"] = previous
 
 
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """A test that writes logs/ and checkpoints where it runs: in its own temporary folder, with fmaml's
+    start-up errors as users see them (not FMAML_DEBUG's tracebacks)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FMAML_DEBUG", raising=False)
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def zygote(tmp_path_factory, auto_strategy_cache):
     """A fork server that has imported fmaml once (tests/zygote.py): a real process per request, started

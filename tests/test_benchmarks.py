@@ -21,23 +21,22 @@ KEYS = {
 }
 
 
+def run_bench(zygote, *arguments: str) -> subprocess.CompletedProcess:
+    """benchmarks/bench_vs_higher.py with `arguments`, in a process forked from the zygote; it must succeed."""
+    done = subprocess.run(
+        [*zygote.run_command(), str(SCRIPT), *arguments], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 def test_bench_vs_higher_smoke(tmp_path, zygote):
     out = tmp_path / "bench.json"
     engines = ["higher", "torchfunc_loop", "fmaml_vmap", "fmaml_loop", "fmaml_first_order"]
     arguments = (
         "--workload sinusoid --meta-batch 2 --inner-steps 1 --device cpu --isolate no --repeats 2 --warmup 1"
     )
-    command = [
-        *zygote.run_command(),
-        str(SCRIPT),
-        *arguments.split(),
-        "--json",
-        str(out),
-        "--engines",
-        *engines,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_bench(zygote, *arguments.split(), "--json", str(out), "--engines", *engines)
     assert "| sinusoid |" in done.stdout  # the markdown table
     records = json.loads(out.read_text())
     assert [r["engine"] for r in records] == engines
@@ -57,17 +56,7 @@ def test_bench_vs_higher_inner_optimizers_smoke(tmp_path, zygote):
     engines = ["higher", "torchfunc_loop", "fmaml_vmap", "fmaml_loop"]
     arguments = "--workload sinusoid --meta-batch 2 --inner-steps 2 --device cpu --isolate no --repeats 1"
     arguments += " --warmup 0 --inner-optimizer sgd_momentum adam"
-    command = [
-        *zygote.run_command(),
-        str(SCRIPT),
-        *arguments.split(),
-        "--json",
-        str(out),
-        "--engines",
-        *engines,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_bench(zygote, *arguments.split(), "--json", str(out), "--engines", *engines)
     assert "| sinusoid | adam | 2 | 2 | cpu | fmaml_vmap |" in done.stdout
     records = {(r["inner_optimizer"], r["engine"]): r for r in json.loads(out.read_text())}
     assert list(records) == [(o, e) for o in ("sgd_momentum", "adam") for e in engines]
@@ -96,9 +85,7 @@ def test_bench_vs_higher_compare(tmp_path, zygote):
     base, head, out = tmp_path / "base.json", tmp_path / "head.json", tmp_path / "ab.json"
     base.write_text(json.dumps([record("fmaml_vmap", [1, 2, 3]), record("fmaml_vmap", [5])]))
     head.write_text(json.dumps([record("fmaml_vmap", [2, 4, 6]), record("fmaml_loop", [1])]))
-    command = [*zygote.run_command(), str(SCRIPT), "--compare", str(base), str(head), "--json", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_bench(zygote, "--compare", str(base), str(head), "--json", str(out))
     (row,) = json.loads(out.read_text())  # fmaml_loop is in one file only: left out
     assert (row["engine"], row["inner_optimizer"], row["base_steps"], row["head_steps"]) == (
         "fmaml_vmap",

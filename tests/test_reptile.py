@@ -167,11 +167,6 @@ def test_maml_only_options_are_refused(options, message):
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # logs/ go here
-
-
 def _trained_weights(*options) -> dict:
     fit = ["fit", "--config", config("sinusoid.yaml"), *TINY, "--model.network.hidden=[8,8]"]
     fit += [

@@ -29,12 +29,6 @@ OLD_RUN = [
 ]
 
 
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def test_maml_takes_at_most_eight_parameters():
     parameters = list(inspect.signature(MAML.__init__).parameters)[1:]
     assert parameters == [

@@ -18,13 +18,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_DATA = ["--data.dataset.init_args.download=false"]  # no network here; elsewhere it would download
 
 
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # logs/ go here
-    monkeypatch.delenv("FMAML_DEBUG", raising=False)
-    return tmp_path
-
-
 def error_lines(capsys) -> list[str]:
     err = capsys.readouterr().err
     assert "Traceback" not in err and "usage:" not in err, err
