@@ -3,7 +3,7 @@ same tasks twice, normalising with the per-step running statistics (eval mode, a
 describes) and with each batch's own statistics (as MAML++'s code does: F.batch_norm(training=True) always).
 
     FMAML_DATA_ROOT=<folder with omniglot/> OMP_NUM_THREADS=1 uv run python benchmarks/mamlpp_bn_statistics.py \\
-        --ckpt <mamlpp run with per_step_running_stats: true>/checkpoints/last.ckpt \\
+        --ckpt <mamlpp run with batch_norm.running_stats: true>/checkpoints/last.ckpt \\
         --json benchmarks/results/mamlpp_bn_statistics.json -- <the run's data and model arguments>
 
 The second test keeps the network in train mode through a Lightning callback (nothing is patched): in

@@ -56,7 +56,7 @@ if __name__ == "__main__":
             + [
                 "--trainer.enable_progress_bar=false",
                 "--trainer.accelerator=cpu",
-                "--data.num_val_tasks=100",
+                "--data.evaluation.num_val_tasks=100",
             ],
         )
     print("| step | RSS MB | peak RSS MB |\n| --- | --- | --- |")

@@ -65,7 +65,7 @@ ROWS: dict[str, dict] = {
         "fit": [
             *OMNIGLOT,
             "--data.query_shots=1",
-            "--data.num_val_tasks=200",
+            "--data.evaluation.num_val_tasks=200",
             "--trainer.val_check_interval=250",
         ],
         "tests": {f"query_shots={q}": [*OMNIGLOT, f"--data.query_shots={q}"] for q in (1, 15)},

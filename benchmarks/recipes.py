@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TASK_5W1S = ["--data.ways=5", "--data.shots=1", "--data.query_shots=15"]
 COMMON = [
     "--data.dataset.init_args.split=paper",
-    "--data.num_val_tasks=100",
+    "--data.evaluation.num_val_tasks=100",
     "--trainer.val_check_interval=100",  # the same validation schedule (in steps) for every recipe
     "--trainer.log_every_n_steps=50",
     "--trainer.enable_progress_bar=false",

@@ -155,7 +155,7 @@ part_time_to_accuracy() {
             "$FMAML_DATA_ROOT/omniglot"
         target=0.2 every=2
         fmaml_args=(-- --trainer.accelerator=cpu --trainer.max_steps=6 --trainer.enable_model_summary=false
-            --model.network.filters=8 --data.meta_batch_size=2 --data.num_val_tasks=4)
+            --model.network.filters=8 --data.meta_batch_size=2 --data.evaluation.num_val_tasks=4)
     else
         FMAML_DATA_ROOT=$(omniglot_root)
         if [ ! -d "$FMAML_DATA_ROOT/omniglot" ]; then

@@ -9,7 +9,7 @@ Per config, in one process, with the model and data the config file builds (thro
     against tensor path (on --device), median of --steps;
 (b) bare: the engine's meta-step (meta_loss, finite check, backward, Adam step: what training_step does)
     on the tensor path's first batches, already on the device, which are the batches `fit` sees;
-(c) fit: meta-steps/s of `fit --data.sampler=torchmeta|tensor` (no validation), timed by a callback
+(c) fit: meta-steps/s of `fit --data.loading.sampler=torchmeta|tensor` (no validation), timed by a callback
     between on_train_batch_start of step --warmup and of step --warmup + --steps;
 (d) Lightning's cost per step: fit step time - bare step time; for the sinusoid also with the progress
     bar off, and with log_every_n_steps large too, to see where it goes.
@@ -138,8 +138,8 @@ def measure(config: str, args: argparse.Namespace, logs: str) -> list[dict]:
         return records[-1]
 
     for sampler in ("torchmeta", "tensor"):
-        cli = build(config, [*common, f"--data.sampler={sampler}"], logs)
-        # The tensor path's first batches are the very batches `fit --data.sampler=tensor` trains on.
+        cli = build(config, [*common, f"--data.loading.sampler={sampler}"], logs)
+        # The tensor path's first batches are the very batches `fit --data.loading.sampler=tensor` trains on.
         times, batches, load_s = sample_times(cli, args.steps + (args.warmup if sampler == "tensor" else 0))
         record(what="sample", sampler=sampler, median_ms=1e3 * statistics.median(times), load_s=load_s)
     bare = statistics.mean(bare_step_times(cli, batches, args.warmup))  # cli, batches: the tensor path's
@@ -157,7 +157,7 @@ def measure(config: str, args: argparse.Namespace, logs: str) -> list[dict]:
         ]
     for sampler, variant, extra in variants:
         step = fit_step_time(
-            config, [*common, f"--data.sampler={sampler}", *extra], logs, device, args.warmup, args.steps
+            config, [*common, f"--data.loading.sampler={sampler}", *extra], logs, device, args.warmup, args.steps
         )
         record(
             what="fit",

@@ -12,6 +12,7 @@ _HOMES = {
     "task_loss_and_grad": "fmaml.maml",
     "MLP": "fmaml.models",
     "ConvNet": "fmaml.models",
+    "BatchNormSettings": "fmaml.models",
 }
 __all__ = sorted(_HOMES)
 

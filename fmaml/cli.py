@@ -305,12 +305,19 @@ RENAMED_ALSO = {
 }
 
 
-def _renamed_hint(message: str) -> str | None:
-    """A setting an older fmaml took, named in a rejected command line or config, and its name today."""
+def _renamed_setting(message: str) -> tuple[str, str] | None:
+    """A setting an older fmaml took, named in a rejected command line or config, and the hint to its name
+    today: ("model.inner_steps", "model.inner_steps is now model.inner_loop.steps")."""
     for old, new in runs.RENAMED.items():
-        name = old.removeprefix("model.")
-        if re.search(rf"model\.{name}\b|nested key '{name}'", message):
-            return f"{old} is now {new}{RENAMED_ALSO.get(old, '')}"
+        parent, _, name = old.rpartition(".")
+        named = re.search(rf"(?<![\w.]){re.escape(old)}\b|nested key '{old.removeprefix('model.')}'", message)
+        # A setting of a class_path object (the network): jsonargparse names the object and the option apart.
+        in_object = (
+            f'Parser key "{parent.removesuffix(".init_args")}"' in message
+            and f"'{name}' is not accepted" in message
+        )
+        if named or in_object:
+            return old, f"{old} is now {new}{RENAMED_ALSO.get(old, '')}"
     return None
 
 
@@ -344,12 +351,14 @@ def command_line(args: list[str] | None = None) -> int:
         if first_batch.reached:
             raise
         message = _own_message(str(error))
-        print(f"error: {message}", file=sys.stderr)
         # A value fmaml refused, wrapped by jsonargparse, is no usage error: the same as from torch.optim.
         usage = isinstance(error, ArgumentError) and message == str(error)
         hint = "--help lists every setting" if usage else f"{DEBUG_ENV}=1 shows the traceback"
-        if usage and (renamed := _renamed_hint(str(error))):
-            hint = renamed
+        if usage and (renamed := _renamed_setting(message)):
+            old, hint = renamed
+            if "\n" in message:  # jsonargparse's report on the network's class_path object, many lines
+                message = f"{old} is no longer a setting"
+        print(f"error: {message}", file=sys.stderr)
         print(f"({hint})", file=sys.stderr)
         return 2 if usage else 1
     return 0

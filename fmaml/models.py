@@ -7,23 +7,60 @@ outputs (the number of ways).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from torch import Tensor, nn
 
 from fmaml.per_step_batch_norm import PerStepBatchNorm2d
 
+BATCH_NORM = "model.network.init_args.batch_norm"
+
+
+@dataclass(frozen=True)
+class BatchNormSettings:
+    """ConvNet's BatchNorm layers: MAML's (the default), or MAML++'s per-step BatchNorm.
+
+    per_step: MAML++'s BNWB, 0 (default) for MAML's BatchNorm, which normalises with batch statistics
+        at training and test time alike. N >= 1: each BatchNorm layer has a weight and bias per inner
+        step, [N, C], inner step i using row min(i, N - 1) (N = the training inner steps in MAML++); the
+        network is then called as network(x, inner_step=i), which fmaml.maml does for a network with
+        `takes_inner_step`.
+    running_stats: MAML++'s BNRS (needs per_step): running statistics per inner step, used in eval mode
+        (validation, test), updated by fmaml.per_step_batch_norm after each training meta-step. See that
+        module for how they differ from MAML++'s code.
+    """
+
+    per_step: int = 0
+    running_stats: bool = False
+
+    def __post_init__(self) -> None:
+        steps, running_stats = self.per_step, self.running_stats
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(
+                f"{BATCH_NORM}.per_step={steps!r}: give the number of inner steps with their own BatchNorm "
+                "weight and bias, an integer >= 0 (0: one for all steps, MAML's; MAML++: model.inner_loop.steps)"
+            )
+        if running_stats and not steps:
+            raise ValueError(
+                f"{BATCH_NORM}.running_stats={running_stats!r} needs per-step BatchNorm: set "
+                f"{BATCH_NORM}.per_step to the inner steps (e.g. model.inner_loop.steps), or drop running_stats"
+            )
+
+
+MAML_BATCH_NORM = BatchNormSettings()
+
 
 def _conv_block(
-    in_channels: int, filters: int, pooling: Literal["max", "stride"], per_step: int, running_stats: bool
+    in_channels: int, filters: int, pooling: Literal["max", "stride"], batch_norm: BatchNormSettings
 ) -> nn.Sequential:
     # BatchNorm uses batch statistics at train and test time alike, as in MAML; tracking running stats
     # would be state updated in place during adaptation, which neither the math nor vmap allows. MAML++'s
     # per-step BatchNorm keeps its running statistics as state updated outside the forward instead.
     stride = 2 if pooling == "stride" else 1
     norm = (
-        PerStepBatchNorm2d(filters, per_step, running_stats)
-        if per_step
+        PerStepBatchNorm2d(filters, batch_norm.per_step, batch_norm.running_stats)
+        if batch_norm.per_step
         else nn.BatchNorm2d(filters, track_running_stats=False)
     )
     layers = [nn.Conv2d(in_channels, filters, kernel_size=3, stride=stride, padding=1), norm, nn.ReLU()]
@@ -53,13 +90,8 @@ class ConvNet(nn.Module):
         (maml.py `construct_conv_weights`): Xavier-uniform convolutions, zero biases, and a head drawn from
         N(0, 1) with head_input="mean" (its Omniglot head, tf.random_normal) or Xavier-uniform with
         "flatten" (its MiniImageNet head). BatchNorm starts at offset 0, scale 1 either way.
-    per_step_batch_norm: MAML++'s BNWB, 0 (default) for MAML's BatchNorm. N >= 1: each BatchNorm layer
-        has a weight and bias per inner step, [N, C], inner step i using row min(i, N - 1) (N = the
-        training inner steps in MAML++); the network is then called as network(x, inner_step=i), which
-        fmaml.maml does for a network with `takes_inner_step`.
-    per_step_running_stats: MAML++'s BNRS (needs per_step_batch_norm): running statistics per inner step,
-        used in eval mode (validation, test), updated by fmaml.per_step_batch_norm after each training
-        meta-step. See that module for how they differ from MAML++'s code.
+    batch_norm: MAML's BatchNorm (the default) or MAML++'s per step, `BatchNormSettings`
+        (`batch_norm: {per_step: 5, running_stats: false}`).
     """
 
     def __init__(
@@ -71,11 +103,9 @@ class ConvNet(nn.Module):
         pooling: Literal["max", "stride"] = "stride",
         head_input: Literal["flatten", "mean"] = "flatten",
         init: Literal["pytorch", "reference"] = "pytorch",
-        per_step_batch_norm: int = 0,
-        per_step_running_stats: bool = False,
+        batch_norm: BatchNormSettings = MAML_BATCH_NORM,
     ):
         super().__init__()
-        _check_per_step(per_step_batch_norm, per_step_running_stats)
         for name, value in (("ways", ways), ("in_channels", in_channels), ("filters", filters)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ConvNet {name}={value!r} must be an integer >= 1")
@@ -97,18 +127,9 @@ class ConvNet(nn.Module):
         if size < 1:
             raise ValueError(f"ConvNet image_size={image_size} is too small for 4 halvings: use >= 16")
         self.features = nn.Sequential(
-            *(
-                _conv_block(
-                    in_channels if i == 0 else filters,
-                    filters,
-                    pooling,
-                    per_step_batch_norm,
-                    per_step_running_stats,
-                )
-                for i in range(4)
-            )
+            *(_conv_block(in_channels if i == 0 else filters, filters, pooling, batch_norm) for i in range(4))
         )
-        self.takes_inner_step = per_step_batch_norm > 0
+        self.takes_inner_step = batch_norm.per_step > 0
         self.head_input = head_input
         self.head = nn.Linear(filters * (1 if head_input == "mean" else size * size), ways)
         self.input_shape = (in_channels, image_size, image_size)  # checked against the data by the CLI
@@ -135,20 +156,6 @@ class ConvNet(nn.Module):
         for layer in (layer for block in self.features for layer in block):
             x = layer(x, inner_step) if isinstance(layer, PerStepBatchNorm2d) else layer(x)
         return x
-
-
-def _check_per_step(steps, running_stats) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(
-            f"model.network.init_args.per_step_batch_norm={steps!r}: give the number of inner steps with "
-            "their own BatchNorm weight and bias, an integer >= 0 (0: one for all steps, MAML's; MAML++: "
-            "model.inner_loop.steps)"
-        )
-    if running_stats and not steps:
-        raise ValueError(
-            f"model.network.init_args.per_step_running_stats={running_stats!r} needs per-step BatchNorm: "
-            "set per_step_batch_norm to the inner steps (e.g. model.inner_loop.steps), or drop per_step_running_stats"
-        )
 
 
 class MLP(nn.Module):

@@ -239,7 +239,7 @@ class MAML(L.LightningModule):
             # Each process would fold only its own tasks' statistics, and the processes' running statistics
             # would drift apart (the functional forward never goes through DDP's buffer broadcast).
             raise ValueError(
-                "model.network.init_args.per_step_running_stats=true is not supported with more than one "
+                "model.network.init_args.batch_norm.running_stats=true is not supported with more than one "
                 f"process (world size {self.trainer.world_size}) yet: train it on one device, or turn it off"
             )
 

@@ -19,6 +19,7 @@ import os
 import torch
 import yaml
 
+from fmaml.models import BATCH_NORM
 from fmaml.settings import FLAT_NAMES
 
 # Where a checkpoint keeps the config of the command that wrote it and its log folder
@@ -30,11 +31,9 @@ EXECUTION_ONLY = (
     "model.inner_loop.eval_steps",
     "model.inner_loop.eval_lr",
     "model.execution",
-    "data.num_workers",
+    "data.loading.num_workers",
     "data.root",
-    "data.num_val_tasks",
-    "data.num_test_tasks",
-    "data.seed",
+    "data.evaluation",
 )
 # The checkpoint's tensors are these settings' network: an evaluation cannot change them.
 NETWORK = ("model.network", "model.inner_loop.optimizer.init_args.learn_lr", "data.ways")
@@ -80,13 +79,20 @@ def run_config(ckpt_path: str) -> tuple[dict | None, str]:
 
 
 INNER = "model.inner_loop.optimizer"
+
 # Settings of runs written before today's names: before fmaml's inner optimizers (the first two), and
-# before MAML's settings were grouped (fmaml.settings), by their flat name (a key, or a prefix of keys).
+# before MAML's, ConvNet's BatchNorm and the data's settings were grouped (fmaml.settings,
+# fmaml.models.BatchNormSettings, fmaml.data.EvaluationTasks and Loading), by their flat name (a key, or a
+# prefix of keys).
 RENAMED = {
     "model.inner_lr": f"{INNER}.init_args.lr",
     "model.learn_inner_lr": f"{INNER}.init_args.learn_lr",
     "model.per_task_csv": "per_task_csv.path",
     **{f"model.{old}": f"model.{group}.{name}" for old, (group, name) in FLAT_NAMES.items()},
+    "model.network.init_args.per_step_batch_norm": f"{BATCH_NORM}.per_step",
+    "model.network.init_args.per_step_running_stats": f"{BATCH_NORM}.running_stats",
+    **{f"data.{name}": f"data.evaluation.{name}" for name in ("num_val_tasks", "num_test_tasks", "seed")},
+    **{f"data.{name}": f"data.loading.{name}" for name in ("sampler", "num_workers")},
 }
 
 

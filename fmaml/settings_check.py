@@ -4,7 +4,7 @@ A setting left at its default never warns: only a value someone chose can be a m
 from the signature of the class that takes the setting, so they are written once, where they are used.
 
 Not warned, on purpose: settings of another command in a config that fit, validate and test share
-(`eval_inner_*` and `data.num_test_tasks` in a fit, the training options in a test): one config serves
+(`eval_inner_*` and `data.evaluation.num_test_tasks` in a fit, the training options in a test): one config serves
 every command, and they take effect in the commands they are for.
 """
 
@@ -116,11 +116,11 @@ def warn_ignored_data_settings(data) -> None:
             f"has no effect: {dataset.name} tasks are regression, with data.shots support and "
             "data.query_shots query points each, and no classes",
         )
-    if hp.num_workers and data.sampler == "tensor":
+    if data.loading.num_workers and data.sampler == "tensor":
         warn_ignored(
-            "data.num_workers",
-            hp.num_workers,
-            "has no effect on training: the tensor sampler (data.sampler) draws training tasks in the main "
+            "data.loading.num_workers",
+            data.loading.num_workers,
+            "has no effect on training: the tensor sampler (data.loading.sampler) draws training tasks in the main "
             "process; the workers load validation and test tasks only",
         )
     if hp.root is not None and (unused_by := _root_unused_by(dataset)):

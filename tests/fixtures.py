@@ -37,8 +37,8 @@ TINY = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     "--data.meta_batch_size=2",
-    "--data.num_val_tasks=4",
-    "--data.num_test_tasks=6",
+    "--data.evaluation.num_val_tasks=4",
+    "--data.evaluation.num_test_tasks=6",
 ]
 
 

@@ -246,7 +246,7 @@ def test_initial_weights_only_on_purpose(capsys):
 
 def test_test_honours_the_command_and_names_the_checkpoint(capsys):
     main([*FIT, "--trainer.max_steps=7"])
-    test = ["test", "--config", SINUSOID, "--ckpt_path=last", "--data.num_test_tasks=10", *TINY]
+    test = ["test", "--config", SINUSOID, "--ckpt_path=last", "--data.evaluation.num_test_tasks=10", *TINY]
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

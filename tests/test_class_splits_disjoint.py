@@ -24,7 +24,7 @@ CLASS_NAME_ATTRIBUTES = ("character_name", "class_name", "name")
 
 def class_identities(spec: DatasetSpec, root: str, split: str) -> list[str]:
     """The underlying class of every class of `split` (augmented copies included), through the DataModule."""
-    dm = MetaDataModule(spec, root=root, ways=1, shots=1, query_shots=1, meta_batch_size=1, num_val_tasks=1)
+    dm = MetaDataModule(spec, root=root, ways=1, shots=1, query_shots=1, meta_batch_size=1)
     classes = dm._get(split).dataset
     names = []
     for i in range(len(classes)):

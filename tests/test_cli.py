@@ -301,7 +301,7 @@ def test_real_omniglot_5w1s_learns(real_root):
         "--trainer.val_check_interval=30",
         "--model.network.filters=32",
         "--data.meta_batch_size=8",
-        "--data.num_val_tasks=40",
+        "--data.evaluation.num_val_tasks=40",
         "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
     )

@@ -12,7 +12,7 @@ SINUSOID = os.path.join(REPO, "configs", "sinusoid.yaml")
 QUIET = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
-    "--data.num_val_tasks=4",
+    "--data.evaluation.num_val_tasks=4",
 ]
 
 

@@ -11,7 +11,16 @@ import torch
 from fixtures import tiny_omniglot_root, write_miniimagenet
 from jsonargparse import ArgumentParser
 
-from fmaml.data import MetaDataModule, MiniImageNet, Omniglot, Sinusoid, TorchmetaDataset, resolve_root
+from fmaml.data import (
+    EvaluationTasks,
+    Loading,
+    MetaDataModule,
+    MiniImageNet,
+    Omniglot,
+    Sinusoid,
+    TorchmetaDataset,
+    resolve_root,
+)
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +36,7 @@ def miniimagenet_root(tmp_path_factory):
 
 
 def omniglot_dm(root, **kwargs):
-    args = dict(ways=5, shots=2, query_shots=3, meta_batch_size=3, num_val_tasks=4, num_test_tasks=5)
+    args = dict(ways=5, shots=2, query_shots=3, meta_batch_size=3, evaluation=EvaluationTasks(4, 5))
     args.update(kwargs)
     dataset = args.pop("dataset", Omniglot(rotations=False))
     return MetaDataModule(dataset, root=root, **args)
@@ -85,7 +94,9 @@ def test_val_test_tasks_are_fixed(omniglot_root):
     other = omniglot_dm(omniglot_root, dataset=Omniglot(rotations=True))
     assert_same_batches(val, all_batches(other.val_dataloader()))  # another construction
     assert not torch.equal(val[0][0], all_batches(dm.test_dataloader())[0][0])
-    reseeded = omniglot_dm(omniglot_root, dataset=Omniglot(rotations=True), seed=1)
+    reseeded = omniglot_dm(
+        omniglot_root, dataset=Omniglot(rotations=True), evaluation=EvaluationTasks(4, 5, seed=1)
+    )
     assert not torch.equal(val[0][0], all_batches(reseeded.val_dataloader())[0][0])
 
 
@@ -120,7 +131,7 @@ def test_train_tasks_are_random_and_reproducible(omniglot_root):
 
 def test_workers_give_the_same_fixed_tasks(omniglot_root):
     in_main = all_batches(omniglot_dm(omniglot_root).val_dataloader())
-    dm = omniglot_dm(omniglot_root, num_workers=2)
+    dm = omniglot_dm(omniglot_root, loading=Loading(num_workers=2))
     assert_same_batches(in_main, all_batches(dm.val_dataloader()))
     check_classification_batch(next(iter(dm.train_dataloader())), 3, 5, 2, 3, (1, 28, 28))
 
@@ -133,8 +144,7 @@ def test_miniimagenet(miniimagenet_root):
         query_shots=2,
         meta_batch_size=2,
         root=miniimagenet_root,
-        num_val_tasks=2,
-        num_test_tasks=2,
+        evaluation=EvaluationTasks(num_val_tasks=2, num_test_tasks=2),
     )
     assert (dm.num_outputs, dm.in_channels, dm.input_shape) == (5, 3, (3, 32, 32))
     dm.prepare_data()
@@ -144,7 +154,9 @@ def test_miniimagenet(miniimagenet_root):
 
 
 def test_sinusoid():
-    dm = MetaDataModule(Sinusoid(), shots=10, query_shots=7, meta_batch_size=4, num_val_tasks=6)
+    dm = MetaDataModule(
+        Sinusoid(), shots=10, query_shots=7, meta_batch_size=4, evaluation=EvaluationTasks(num_val_tasks=6)
+    )
     assert (dm.num_outputs, dm.loss, dm.input_shape, dm.in_channels) == (1, "mse", (1,), 1)
     for batch in (next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))):
         for key, k in (("support", 10), ("query", 7)):
@@ -156,7 +168,11 @@ def test_sinusoid():
         val,
         all_batches(
             MetaDataModule(
-                Sinusoid(), shots=10, query_shots=7, meta_batch_size=4, num_val_tasks=6
+                Sinusoid(),
+                shots=10,
+                query_shots=7,
+                meta_batch_size=4,
+                evaluation=EvaluationTasks(num_val_tasks=6),
             ).val_dataloader()
         ),
     )

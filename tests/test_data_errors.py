@@ -6,7 +6,7 @@ import zipfile
 import pytest
 from fixtures import tiny_omniglot_root, write_miniimagenet, write_omniglot_zips
 
-from fmaml.data import MetaDataModule, MiniImageNet, Omniglot, Sinusoid
+from fmaml.data import EvaluationTasks, Loading, MetaDataModule, MiniImageNet, Omniglot, Sinusoid
 from fmaml.data.omniglot_files import OmniglotZipError, prepare_omniglot
 
 
@@ -24,15 +24,28 @@ def omniglot_root(tmp_path_factory):
         ("shots", -1),
         ("query_shots", 0),
         ("meta_batch_size", 0),
-        ("num_val_tasks", 0),
-        ("num_test_tasks", -3),
-        ("num_workers", -1),
-        ("num_workers", 1.5),
     ],
 )
 def test_bad_numbers(name, value):
     with pytest.raises(ValueError, match=rf"data\.{name}={value!r} must be .*--data\.{name}"):
         MetaDataModule(Sinusoid(), **{name: value})
+
+
+@pytest.mark.parametrize(
+    "group, name, value",
+    [
+        (EvaluationTasks, "num_val_tasks", 0),
+        (EvaluationTasks, "num_test_tasks", -3),
+        (EvaluationTasks, "seed", 1.5),
+        (Loading, "num_workers", -1),
+        (Loading, "num_workers", 1.5),
+    ],
+)
+def test_bad_numbers_in_groups(group, name, value):
+    key = f"data.{'evaluation' if group is EvaluationTasks else 'loading'}.{name}"
+    escaped = key.replace(".", r"\.")
+    with pytest.raises(ValueError, match=rf"{escaped}={value!r} must be .*--{escaped}"):
+        group(**{name: value})
 
 
 def test_bad_image_size():

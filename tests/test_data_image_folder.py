@@ -49,7 +49,7 @@ def fit_args(path, *more):
 def test_a_generated_folder_with_unequal_classes_trains(tmp_path, monkeypatch, sampler):
     write_folder(tmp_path / "images", [5, 3, 7, 4, 6, 3, 5, 4, 6, 5, 3, 8, 4, 5, 6, 3, 4, 5, 6, 7])
     monkeypatch.chdir(tmp_path)
-    cli = main(fit_args(tmp_path / "images", f"--data.sampler={sampler}"))
+    cli = main(fit_args(tmp_path / "images", f"--data.loading.sampler={sampler}"))
     assert cli.trainer.global_step == 3
     assert torch.isfinite(cli.trainer.callback_metrics["val/accuracy"])
     assert (tmp_path / "logs" / "fmaml" / "version_0" / "checkpoints" / "last.ckpt").is_file()

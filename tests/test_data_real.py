@@ -7,7 +7,7 @@ import pytest
 import torch
 from fixtures import real_omniglot_root
 
-from fmaml.data import MetaDataModule, Omniglot
+from fmaml.data import EvaluationTasks, MetaDataModule, Omniglot
 
 pytestmark = pytest.mark.real_data
 
@@ -28,7 +28,9 @@ def test_real_omniglot_splits_and_batch(omniglot_real_root):
                 20,
             )
 
-    dm = MetaDataModule(Omniglot(), root=omniglot_real_root, meta_batch_size=4, num_val_tasks=4)
+    dm = MetaDataModule(
+        Omniglot(), root=omniglot_real_root, meta_batch_size=4, evaluation=EvaluationTasks(num_val_tasks=4)
+    )
     dm.setup("fit")
     assert len(dm._get("train").dataset) == 4112
     for batch in (next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))):

@@ -1,6 +1,6 @@
 """The tensor episode sampler (fmaml.data.tensor_tasks): task format and distribution checked image by
 image against an independent lookup, rotations against torchmeta's own, the (seed, rank, i) stream
-contract, the sinusoid, `data.sampler` in the DataModule and the CLI, and exact resume."""
+contract, the sinusoid, `data.loading.sampler` in the DataModule and the CLI, and exact resume."""
 
 import math
 
@@ -18,7 +18,9 @@ from torchmeta.toy import Sinusoid as TorchmetaSinusoid
 from torchmeta.transforms import Rotation
 
 from fmaml.data import (
+    EvaluationTasks,
     InMemoryEpisodes,
+    Loading,
     MetaDataModule,
     MiniImageNet,
     Omniglot,
@@ -154,7 +156,7 @@ def test_sampled_rotated_classes_are_torchmeta_classes(root):
 
 
 def test_augmentations_without_a_pixel_permutation_are_refused():
-    with pytest.raises(ValueError, match="no pixel-permutation equivalent.*data.sampler=torchmeta"):
+    with pytest.raises(ValueError, match="no pixel-permutation equivalent.*data.loading.sampler=torchmeta"):
         pixel_map(Rotation(45), 28, 28)
     with pytest.raises(ValueError, match="needs square images"):
         pixel_map(Rotation(90), 28, 32)
@@ -217,20 +219,27 @@ def test_sinusoid_tasks():
     assert abs(x.mean()) < 0.1
 
 
-# ----------------------------------------------------------------------------------- data.sampler
+# ----------------------------------------------------------------------------------- data.loading.sampler
 
 
 def test_sampler_setting(root, tmp_path):
     assert MetaDataModule(Omniglot(), root=root).sampler == "tensor"  # auto
     assert MetaDataModule(Sinusoid()).sampler == "tensor"
     assert MetaDataModule(MiniImageNet(), root=str(tmp_path)).sampler == "torchmeta"
-    assert MetaDataModule(MiniImageNet(), root=str(tmp_path), sampler="tensor").sampler == "tensor"
-    assert MetaDataModule(Omniglot(), root=root, sampler="torchmeta").sampler == "torchmeta"
-    with pytest.raises(ValueError, match=r"data\.sampler='fast' is not one of auto, tensor, torchmeta"):
-        MetaDataModule(Sinusoid(), sampler="fast")
+    assert (
+        MetaDataModule(MiniImageNet(), root=str(tmp_path), loading=Loading(sampler="tensor")).sampler
+        == "tensor"
+    )
+    assert MetaDataModule(Omniglot(), root=root, loading=Loading(sampler="torchmeta")).sampler == "torchmeta"
+    with pytest.raises(
+        ValueError, match=r"data\.loading\.sampler='fast' is not one of auto, tensor, torchmeta"
+    ):
+        Loading(sampler="fast")
     harmonic = TorchmetaDataset("torchmeta.toy.Harmonic", task_type="regression", input_shape=[1])
-    with pytest.raises(ValueError, match=r"data\.sampler=tensor does not support torchmeta\.toy\.Harmonic"):
-        MetaDataModule(harmonic, sampler="tensor")
+    with pytest.raises(
+        ValueError, match=r"data\.loading\.sampler=tensor does not support torchmeta\.toy\.Harmonic"
+    ):
+        MetaDataModule(harmonic, loading=Loading(sampler="tensor"))
     assert MetaDataModule(harmonic).sampler == "torchmeta"
 
 
@@ -240,11 +249,20 @@ def dm_batches(dm, loader_name, n=2):
 
 
 def test_only_the_training_stream_changes(root):
-    args = dict(ways=WAYS, shots=SHOTS, query_shots=QUERY, meta_batch_size=4, num_val_tasks=8, root=root)
-    tensor = MetaDataModule(Omniglot(rotations=True), sampler="tensor", num_workers=2, **args)
-    torchmeta = MetaDataModule(Omniglot(rotations=True), sampler="torchmeta", **args)
+    args = dict(
+        ways=WAYS,
+        shots=SHOTS,
+        query_shots=QUERY,
+        meta_batch_size=4,
+        evaluation=EvaluationTasks(num_val_tasks=8),
+        root=root,
+    )
+    tensor = MetaDataModule(
+        Omniglot(rotations=True), loading=Loading(sampler="tensor", num_workers=2), **args
+    )
+    torchmeta = MetaDataModule(Omniglot(rotations=True), loading=Loading(sampler="torchmeta"), **args)
     loader = tensor.train_dataloader()
-    assert loader.num_workers == 0  # sampled in the main process, whatever data.num_workers
+    assert loader.num_workers == 0  # sampled in the main process, whatever data.loading.num_workers
     batch = next(iter(loader))
     assert batch["support"][0].shape == (4, WAYS * SHOTS, 1, 28, 28)
     assert tensor._episodes is not None and torchmeta._episodes is None
@@ -263,11 +281,11 @@ def test_cli_fit_with_the_tensor_sampler_resumes_exactly(tmp_path, root):
     cli = fit(tmp_path / "one", *OMNIGLOT, f"--data.root={root}", "--trainer.fast_dev_run=true")
     assert cli.datamodule.sampler == "tensor" and cli.datamodule._episodes is not None  # auto -> tensor
     whole, resumed = interrupted_and_uninterrupted(
-        tmp_path, *OMNIGLOT, f"--data.root={root}", "--data.sampler=tensor"
+        tmp_path, *OMNIGLOT, f"--data.root={root}", "--data.loading.sampler=tensor"
     )
     assert_same_weights(whole, resumed)
 
 
 def test_cli_fit_with_the_torchmeta_sampler_resumes_exactly(tmp_path):
-    whole, resumed = interrupted_and_uninterrupted(tmp_path, *SINUSOID, "--data.sampler=torchmeta")
+    whole, resumed = interrupted_and_uninterrupted(tmp_path, *SINUSOID, "--data.loading.sampler=torchmeta")
     assert_same_weights(whole, resumed)

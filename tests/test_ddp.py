@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fmaml.cli import main
-from fmaml.data import MetaDataModule, Sinusoid
+from fmaml.data import EvaluationTasks, MetaDataModule, Sinusoid
 from fmaml.inner_optimizers import SGD
 from fmaml.models import MLP
 from fmaml.module import MAML
@@ -94,7 +94,9 @@ def test_two_processes_with_half_the_tasks_each_equal_one_with_all(meta_strategy
 
 
 def test_each_process_gets_its_share_of_tasks():
-    dm = MetaDataModule(Sinusoid(), shots=3, query_shots=2, meta_batch_size=4, num_val_tasks=5)
+    dm = MetaDataModule(
+        Sinusoid(), shots=3, query_shots=2, meta_batch_size=4, evaluation=EvaluationTasks(num_val_tasks=5)
+    )
     shares = []
     for rank in range(2):
         dm.trainer = SimpleNamespace(
@@ -132,8 +134,8 @@ def test_cli_fit_and_test_with_ddp(zygote, tmp_path, monkeypatch, capsys):
         "--trainer.devices=2",
         "--trainer.enable_progress_bar=false",
         "--data.meta_batch_size=4",
-        "--data.num_val_tasks=4",
-        "--data.num_test_tasks=5",  # uneven: 3 + 2 tasks, gathered for the confidence interval
+        "--data.evaluation.num_val_tasks=4",
+        "--data.evaluation.num_test_tasks=5",  # uneven: 3 + 2 tasks, gathered for the confidence interval
     ]
 
     def run(subcommand, *args, fresh=False):  # --config first: what follows it overrides it

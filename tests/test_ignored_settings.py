@@ -10,7 +10,7 @@ from fixtures import TINY, config
 from jsonargparse import Namespace
 
 from fmaml.cli import MAMLCLI, main
-from fmaml.data import MetaDataModule
+from fmaml.data import Loading, MetaDataModule
 from fmaml.data.specs import ImageFolder, Omniglot, Sinusoid, TorchmetaDataset
 from fmaml.models import MLP
 from fmaml.module import MAML
@@ -100,12 +100,12 @@ def image_folder_with_splits(tmp_path) -> str:
             r"data\.ways=3 has no effect: Sinusoid tasks are regression",
         ),
         (
-            lambda tmp_path: MetaDataModule(Sinusoid(), num_workers=2),
-            r"data\.num_workers=2 has no effect on training: the tensor sampler",
+            lambda tmp_path: MetaDataModule(Sinusoid(), loading=Loading(num_workers=2)),
+            r"data\.loading\.num_workers=2 has no effect on training: the tensor sampler",
         ),
         (
-            lambda tmp_path: MetaDataModule(Omniglot(), num_workers=2, sampler="tensor"),
-            r"data\.num_workers=2 has no effect on training",
+            lambda tmp_path: MetaDataModule(Omniglot(), loading=Loading("tensor", num_workers=2)),
+            r"data\.loading\.num_workers=2 has no effect on training",
         ),
         (
             lambda tmp_path: MetaDataModule(Sinusoid(), root=str(tmp_path)),
@@ -158,7 +158,7 @@ def test_data_settings_with_effect_do_not_warn(tmp_path):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         MetaDataModule(Sinusoid(), ways=1)  # what configs/sinusoid.yaml says
-        MetaDataModule(Omniglot(), num_workers=2, sampler="torchmeta", root=str(tmp_path))
+        MetaDataModule(Omniglot(), loading=Loading("torchmeta", num_workers=2), root=str(tmp_path))
         MetaDataModule(ImageFolder(str(tmp_path), split_seed=3))  # no split folders: the seed splits
     assert ignored_warnings(record) == []
 

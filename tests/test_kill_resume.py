@@ -60,7 +60,7 @@ QUIET = [
 ]
 SINUSOID = [
     "--config", os.path.join(REPO, "configs", "sinusoid.yaml"), "--data.meta_batch_size=5",
-    "--trainer.max_steps=200", "--trainer.val_check_interval=50", "--data.num_val_tasks=4",
+    "--trainer.max_steps=200", "--trainer.val_check_interval=50", "--data.evaluation.num_val_tasks=4",
     "--checkpoint.every_n_train_steps=10",
     # fixed: auto's choice follows live timings, and the killed and whole runs are compared bit for bit
     "--model.execution.strategy=vmap", "--model.execution.memory=store",
@@ -68,7 +68,7 @@ SINUSOID = [
 OMNIGLOT = [
     "--config", os.path.join(REPO, "configs", "omniglot.yaml"), "--model.network.filters=4",
     "--data.meta_batch_size=2", "--trainer.max_steps=60", "--trainer.val_check_interval=20",
-    "--data.num_val_tasks=4", "--model.execution.strategy=loop",
+    "--data.evaluation.num_val_tasks=4", "--model.execution.strategy=loop",
     # time-based checkpoints only: a save every few hundredths of a second of training
     "--checkpoint.every_n_train_steps=0", "--checkpoint.every_n_minutes=0.0005",
 ]  # fmt: skip

@@ -13,7 +13,7 @@ from fmaml.cli import main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SINUSOID = [
     "--config", os.path.join(REPO, "configs", "sinusoid.yaml"), "--data.meta_batch_size=2",
-    "--data.num_val_tasks=2", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+    "--data.evaluation.num_val_tasks=2", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
     "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
 ]  # fmt: skip
 

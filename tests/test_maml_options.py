@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from fmaml import MLP, ConvNet, adapt, meta_loss
 from fmaml.cli import main
-from fmaml.data import MetaDataModule, Sinusoid
+from fmaml.data import EvaluationTasks, MetaDataModule, Sinusoid
 from fmaml.inner_optimizers import SGD
 from fmaml.maml import LOSSES, msl_weights
 from fmaml.module import MAML
@@ -349,7 +349,13 @@ def test_module_learned_rates_shapes_and_evaluation_beyond_trained_steps():
 def _fit_sinusoid(tmp_path, max_steps: int, callbacks, **model_kwargs) -> MAML:
     model = MAML(MLP, num_outputs=1, loss="mse", **grouped(**model_kwargs))
     data = MetaDataModule(
-        Sinusoid(), ways=1, shots=5, query_shots=5, meta_batch_size=4, num_val_tasks=2, root=str(tmp_path)
+        Sinusoid(),
+        ways=1,
+        shots=5,
+        query_shots=5,
+        meta_batch_size=4,
+        evaluation=EvaluationTasks(num_val_tasks=2),
+        root=str(tmp_path),
     )
     trainer = L.Trainer(
         max_steps=max_steps,

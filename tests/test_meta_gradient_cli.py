@@ -73,7 +73,7 @@ def in_tmp(tmp_path, monkeypatch):
             id="learned-rates",
         ),
         pytest.param(
-            [IMPLICIT, "--model.network.init_args.per_step_batch_norm=1"],
+            [IMPLICIT, "--model.network.init_args.batch_norm.per_step=1"],
             "error: model.meta_objective.meta_gradient=Implicit(lam=1.0, cg_steps=5, cg_tol=0.0) with a per-step network",
             id="per-step-batch-norm",
         ),

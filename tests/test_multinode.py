@@ -43,8 +43,8 @@ TINY = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     "--data.meta_batch_size=4",
-    "--data.num_val_tasks=5",
-    "--data.num_test_tasks=5",
+    "--data.evaluation.num_val_tasks=5",
+    "--data.evaluation.num_test_tasks=5",
 ]
 TWO_NODES = ["--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp"]
 
@@ -179,10 +179,12 @@ def test_two_torchrun_nodes_equal_one_process(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("sampler", ["tensor", "torchmeta"])
 def test_the_processes_shares_make_up_the_meta_batch_of_one_process(sampler, monkeypatch):
-    from fmaml.data import MetaDataModule, Sinusoid
+    from fmaml.data import Loading, MetaDataModule, Sinusoid
 
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")
-    data = MetaDataModule(Sinusoid(), shots=3, query_shots=2, meta_batch_size=4, sampler=sampler)
+    data = MetaDataModule(
+        Sinusoid(), shots=3, query_shots=2, meta_batch_size=4, loading=Loading(sampler=sampler)
+    )
 
     def meta_batch(rank: int, world_size: int) -> torch.Tensor:
         connector = SimpleNamespace(use_distributed_sampler=False)

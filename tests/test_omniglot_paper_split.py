@@ -13,7 +13,7 @@ import pytest
 from fixtures import real_omniglot_root, tiny_omniglot_root
 
 from fmaml.cli import main
-from fmaml.data import MetaDataModule, Omniglot
+from fmaml.data import EvaluationTasks, MetaDataModule, Omniglot
 from fmaml.data.omniglot_files import PAPER_LABEL_FILES, paper_split, prepare_omniglot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +97,15 @@ def test_split_stats_and_built_datasets(root60, rotations):
     factor = 4 if rotations else 1
     # Rotations augment meta-training and, as in the reference code, meta-validation; test is unrotated.
     expected = {"train": 40 * factor, "val": 4 * factor, "test": 16}
-    dm = MetaDataModule(spec, root=root60, ways=3, shots=1, query_shots=1, meta_batch_size=2, num_val_tasks=2)
+    dm = MetaDataModule(
+        spec,
+        root=root60,
+        ways=3,
+        shots=1,
+        query_shots=1,
+        meta_batch_size=2,
+        evaluation=EvaluationTasks(num_val_tasks=2),
+    )
     for split, classes in expected.items():
         assert spec.split_stats(root60, split) == (classes, 20)
         built = dm._get(split).dataset
@@ -190,7 +198,7 @@ def test_fast_dev_run_on_the_paper_split(root60, tmp_path, monkeypatch):
             "--trainer.enable_model_summary=false",
             "--model.network.filters=4",
             "--data.meta_batch_size=2",
-            "--data.num_val_tasks=2",
+            "--data.evaluation.num_val_tasks=2",
         ]
     )
     assert cli.datamodule.dataset.split == "paper"

@@ -16,7 +16,7 @@ from fixtures import REPO, TINY, tiny_omniglot_root
 from fmaml import MLP, ConvNet, meta_loss
 from fmaml.callbacks import SaveRunConfig
 from fmaml.cli import MAMLCLI, TRAINER_DEFAULTS, main
-from fmaml.data import MetaDataModule, Sinusoid
+from fmaml.data import EvaluationTasks, MetaDataModule, Sinusoid
 from fmaml.inner_optimizers import SGD
 from fmaml.module import MAML
 from fmaml.settings import MetaObjective, grouped
@@ -104,7 +104,9 @@ def _fit_one_step(tmp_path, defer: bool, **clip) -> tuple[MAML, _Recorder]:
         **grouped(inner_optimizer=SGD(lr=0.01, learn_lr="per_parameter"), strategy="loop", **clip),
     )
     model.finite_guard.defer = defer
-    data = MetaDataModule(Sinusoid(), shots=5, query_shots=5, meta_batch_size=4, num_val_tasks=2)
+    data = MetaDataModule(
+        Sinusoid(), shots=5, query_shots=5, meta_batch_size=4, evaluation=EvaluationTasks(num_val_tasks=2)
+    )
     recorder = _Recorder()
     trainer = L.Trainer(
         max_steps=1,
@@ -225,7 +227,7 @@ def test_paper_config_runs_the_quoted_reference_command(path, tmp_path, monkeypa
     assert cli.trainer.max_steps == int(reference["metatrain_iterations"])
     # Its loss is the sum over the support set divided by K: `ways` times fmaml's mean.
     assert model.train_inner["lr"] == pytest.approx(float(reference["update_lr"]) * ways)
-    assert model.eval_inner["steps"] == 10 and data.num_test_tasks == 600
+    assert model.eval_inner["steps"] == 10 and data.evaluation.num_test_tasks == 600
     assert model.adapt_only == REFERENCE_ADAPTED
     optimizer = model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
     assert type(optimizer) is torch.optim.Adam and optimizer.defaults["lr"] == 0.001  # main.py's meta_lr

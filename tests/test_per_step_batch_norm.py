@@ -9,8 +9,10 @@ from torch import nn
 
 from fmaml.cli import main
 from fmaml.maml import adapt, forward, meta_loss
-from fmaml.models import ConvNet
+from fmaml.models import BatchNormSettings, ConvNet
 from fmaml.per_step_batch_norm import update_running_statistics
+
+BATCH_NORM = "model.network.init_args.batch_norm"  # spelled out: the name a user types
 
 TASKS, WAYS, SHOTS, SIZE, FILTERS, LR = 3, 2, 2, 8, 3, 0.1
 
@@ -27,9 +29,7 @@ def make_tasks(seed: int) -> dict:
 
 def per_step_convnet(rows: int, running_stats: bool = True) -> ConvNet:
     torch.manual_seed(0)
-    model = ConvNet(
-        WAYS, filters=FILTERS, image_size=SIZE, per_step_batch_norm=rows, per_step_running_stats=running_stats
-    )
+    model = ConvNet(WAYS, filters=FILTERS, image_size=SIZE, batch_norm=BatchNormSettings(rows, running_stats))
     return model.double()
 
 
@@ -263,7 +263,7 @@ class ConvNetBuiltTheOldWay(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
-@pytest.mark.parametrize("options", [{}, {"per_step_batch_norm": 0, "per_step_running_stats": False}])
+@pytest.mark.parametrize("options", [{}, {"batch_norm": BatchNormSettings(per_step=0, running_stats=False)}])
 def test_without_the_options_the_convnet_is_unchanged(options):
     torch.manual_seed(7)
     old = ConvNetBuiltTheOldWay(5, filters=4, image_size=28)
@@ -300,14 +300,15 @@ def test_per_step_batch_norm_keeps_the_convs_and_head_initialisation():
 @pytest.mark.parametrize(
     "options, words",
     [
-        ({"per_step_running_stats": True}, ["per_step_running_stats=True", "per_step_batch_norm"]),
-        ({"per_step_batch_norm": -1}, ["per_step_batch_norm=-1", "integer >= 0"]),
-        ({"per_step_batch_norm": 2.5}, ["per_step_batch_norm=2.5", "integer >= 0"]),
+        ({"running_stats": True}, [f"{BATCH_NORM}.running_stats=True", f"set {BATCH_NORM}.per_step to"]),
+        ({"per_step": -1}, [f"{BATCH_NORM}.per_step=-1", "integer >= 0"]),
+        ({"per_step": 2.5}, [f"{BATCH_NORM}.per_step=2.5", "integer >= 0"]),
+        ({"per_step": True}, [f"{BATCH_NORM}.per_step=True", "integer >= 0"]),
     ],
 )
 def test_bad_per_step_options_are_refused(options, words):
     with pytest.raises(ValueError) as error:
-        ConvNet(5, **options)
+        BatchNormSettings(**options)
     assert all(word in str(error.value) for word in words)
 
 
@@ -322,7 +323,7 @@ def test_mamlpp_config_trains_the_running_statistics_and_tests_with_them(
     common = [
         "--config",
         config("omniglot_mamlpp.yaml"),
-        "--model.network.per_step_running_stats=true",  # off in the config (see it), on here
+        "--model.network.batch_norm.running_stats=true",  # off in the config (see it), on here
         f"--data.root={root}",
         "--model.network.filters=4",
         *TINY,
@@ -360,11 +361,11 @@ def test_running_statistics_are_refused_across_processes():
     from fmaml.settings import InnerLoop
 
     def network(outputs):
-        return ConvNet(outputs, filters=2, image_size=16, per_step_batch_norm=2, per_step_running_stats=True)
+        return ConvNet(outputs, filters=2, image_size=16, batch_norm=BatchNormSettings(2, running_stats=True))
 
     module = MAML(network, num_outputs=2, inner_loop=InnerLoop(steps=2))
     module._trainer = SimpleNamespace(world_size=2)
-    with pytest.raises(ValueError, match="per_step_running_stats=true is not supported with more than one"):
+    with pytest.raises(ValueError, match="batch_norm.running_stats=true is not supported with more than one"):
         module.on_fit_start()
     module._trainer = SimpleNamespace(world_size=1)
     module.on_fit_start()

@@ -32,7 +32,7 @@ QUIET = [
     "--trainer.accelerator=cpu",
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
-    "--data.num_val_tasks=4",
+    "--data.evaluation.num_val_tasks=4",
 ]
 
 

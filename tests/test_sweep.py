@@ -33,7 +33,7 @@ TINY = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     "--data.meta_batch_size=2",
-    "--data.num_val_tasks=2",
+    "--data.evaluation.num_val_tasks=2",
 ]
 
 

@@ -4,14 +4,14 @@ Batches are ``{"support": (x, y), "query": (x, y)}``; shapes in fmaml.data.tasks
 random, and meta-batch i is a pure function of (global seed, i), where i is the trainer's global step,
 whatever the number of processes: a fit resumed from a checkpoint sees exactly the tasks an
 uninterrupted one would have seen (the loader is effectively endless: bound training with max_steps).
-Validation and test use `num_val_tasks` / `num_test_tasks` fixed tasks drawn from `seed`, identical in
-every epoch, process and run.
+Validation and test use fixed tasks (`evaluation`: how many, drawn from which seed), identical in every
+epoch, process and run.
 
 Under DDP each process gets its share of every meta-batch (`meta_batch_size / world size` tasks: its
 slice of the meta-batch one process would draw) and of the validation/test tasks; Lightning's
 distributed sampler must be off (``Trainer(use_distributed_sampler=False)``, the CLI's default).
 
-Training tasks come from one of two samplers (`sampler`): torchmeta's, image by image in Python
+Training tasks come from one of two samplers (`loading.sampler`): torchmeta's, image by image in Python
 (fmaml.data.tasks), or fmaml.data.tensor_tasks, whole meta-batches as tensor ops on the training device.
 Both draw the same task distribution; validation and test always use the torchmeta tasks.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 # torchmeta can be imported directly here: fmaml/data/__init__.py has applied torchmeta_compat first.
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import lightning as L
@@ -39,6 +40,69 @@ ROOT_ENV = "FMAML_DATA_ROOT"
 SAMPLERS = ("auto", "tensor", "torchmeta")
 
 
+def _check_positive(value, name: str) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"data.{name}={value!r} must be a positive integer; set --data.{name} to 1 or more")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class EvaluationTasks:
+    """The fixed tasks of meta-validation and meta-test: never what is trained, so a resumed fit may change them.
+
+    num_val_tasks, num_test_tasks: how many fixed tasks validation and test each run.
+    seed: the seed they are drawn from (training tasks follow the global seed, which
+        lightning.seed_everything exports as PL_GLOBAL_SEED; a resumed fit keeps its checkpoint's).
+    """
+
+    num_val_tasks: int = 100
+    num_test_tasks: int = 600
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_val_tasks", "num_test_tasks"):
+            _check_positive(getattr(self, name), f"evaluation.{name}")
+        if not _is_int(self.seed):
+            raise ValueError(
+                f"data.evaluation.seed={self.seed!r} must be an integer; set --data.evaluation.seed to e.g. 0"
+            )
+
+
+@dataclass(frozen=True)
+class Loading:
+    """How training tasks are drawn, and by how many processes tasks are loaded.
+
+    sampler: "tensor": whole meta-batches as tensor ops on the trainer's device, in the main process
+        whatever num_workers (fmaml.data.tensor_tasks; the Sinusoid, or a classification dataset read once
+        into memory: Omniglot takes 16 MB and a few seconds to load). "torchmeta": task by task through
+        torchmeta (any dataset; uses num_workers). "auto": "tensor" for Omniglot and the Sinusoid, else
+        "torchmeta". Both give the same task distribution, not the same tasks (so a resumed fit keeps its
+        run's sampler); validation and test tasks are torchmeta's fixed ones either way.
+    num_workers: DataLoader worker processes (0: load in the main process); a resumed fit may change it.
+    """
+
+    sampler: Literal["auto", "tensor", "torchmeta"] = "auto"
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(
+                f"data.loading.sampler={self.sampler!r} is not one of {', '.join(SAMPLERS)}; set "
+                "--data.loading.sampler=auto (tensor where supported), tensor or torchmeta"
+            )
+        if not _is_int(self.num_workers) or self.num_workers < 0:
+            raise ValueError(
+                f"data.loading.num_workers={self.num_workers!r} must be an integer >= 0 (0 loads in the main "
+                "process); set --data.loading.num_workers to 0 or more"
+            )
+
+
+FIXED_EVALUATION, MAIN_PROCESS_LOADING = EvaluationTasks(), Loading()
+
+
 def resolve_root(root: str | None) -> str:
     """--data.root if given, else $FMAML_DATA_ROOT, else ./data; as an absolute path."""
     return os.path.abspath(os.path.expanduser(root or os.environ.get(ROOT_ENV) or "data"))
@@ -53,17 +117,9 @@ class MetaDataModule(L.LightningDataModule):
         shots: support examples per class (regression: support points per task).
         query_shots: query examples per class (regression: query points per task).
         meta_batch_size: tasks per meta-batch, in total over all DDP processes.
-        num_workers: DataLoader worker processes (0: load in the main process).
         root: data folder; default $FMAML_DATA_ROOT, else ./data.
-        num_val_tasks, num_test_tasks: number of fixed meta-validation / meta-test tasks.
-        seed: seed of the fixed validation/test tasks (training tasks follow the global seed, which
-            lightning.seed_everything exports as PL_GLOBAL_SEED; a resumed fit keeps its checkpoint's).
-        sampler: how training tasks are drawn. "tensor": whole meta-batches as tensor ops on the trainer's
-            device, in the main process whatever num_workers (fmaml.data.tensor_tasks; the Sinusoid, or a
-            classification dataset read once into memory: Omniglot takes 16 MB and a few seconds to load).
-            "torchmeta": task by task through torchmeta (any dataset; uses num_workers). "auto": "tensor"
-            for Omniglot and the Sinusoid, else "torchmeta". Both give the same task distribution, not the
-            same tasks; validation and test tasks are torchmeta's fixed ones either way.
+        evaluation: the fixed validation and test tasks, `EvaluationTasks` (`data.evaluation.num_test_tasks`).
+        loading: the training tasks' sampler and the loader's workers, `Loading` (`data.loading.sampler`).
 
     Attributes for argument linking (valid right after __init__): ``num_outputs`` (ways, or 1 for
     regression), ``loss`` ("cross_entropy" or "mse"), ``in_channels`` and ``input_shape``.
@@ -76,12 +132,9 @@ class MetaDataModule(L.LightningDataModule):
         shots: int = 5,
         query_shots: int = 15,
         meta_batch_size: int = 32,
-        num_workers: int = 0,
         root: str | None = None,
-        num_val_tasks: int = 100,
-        num_test_tasks: int = 600,
-        seed: int = 0,
-        sampler: Literal["auto", "tensor", "torchmeta"] = "auto",
+        evaluation: EvaluationTasks = FIXED_EVALUATION,
+        loading: Loading = MAIN_PROCESS_LOADING,
     ):
         super().__init__()
         if not isinstance(dataset, DatasetSpec):
@@ -94,29 +147,17 @@ class MetaDataModule(L.LightningDataModule):
             ("shots", shots),
             ("query_shots", query_shots),
             ("meta_batch_size", meta_batch_size),
-            ("num_val_tasks", num_val_tasks),
-            ("num_test_tasks", num_test_tasks),
         ]:
-            if not _is_int(value) or value < 1:
-                raise ValueError(
-                    f"data.{name}={value!r} must be a positive integer; set --data.{name} to 1 or more"
-                )
-        if not _is_int(num_workers) or num_workers < 0:
-            raise ValueError(
-                f"data.num_workers={num_workers!r} must be an integer >= 0 (0 loads in the main process); "
-                "set --data.num_workers to 0 or more"
-            )
-        if not _is_int(seed):
-            raise ValueError(f"data.seed={seed!r} must be an integer; set --data.seed to e.g. 0")
+            _check_positive(value, name)
         if dataset.samples_per_class is not None and shots + query_shots > dataset.samples_per_class:
             raise ValueError(_too_few_samples(dataset.name, shots, query_shots, dataset.samples_per_class))
-        self.sampler = _resolve_sampler(sampler, dataset)
+        self.sampler = _resolve_sampler(loading.sampler, dataset)
 
         self.dataset = dataset
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
-        self.meta_batch_size, self.num_workers = meta_batch_size, num_workers
+        self.meta_batch_size = meta_batch_size
         self.root = resolve_root(root)
-        self.num_val_tasks, self.num_test_tasks, self.seed = num_val_tasks, num_test_tasks, seed
+        self.evaluation, self.loading = evaluation, loading
         self.save_hyperparameters(ignore=["dataset"])
         warn_ignored_data_settings(self)
         self._metadatasets: dict[str, object] = {}
@@ -169,7 +210,7 @@ class MetaDataModule(L.LightningDataModule):
         return random_task_loader(
             self._get("train"),
             batch_size,
-            self.num_workers,
+            self.loading.num_workers,
             self._stream_seed(),
             rank,
             world_size,
@@ -177,12 +218,10 @@ class MetaDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self):
-        tasks = FixedTasks(self._get("val"), self.num_val_tasks, self.seed, "val")
-        return fixed_task_loader(self._shard(tasks, "num_val_tasks"), self._batch_size(), self.num_workers)
+        return self._fixed_task_loader("val", self.evaluation.num_val_tasks, "num_val_tasks")
 
     def test_dataloader(self):
-        tasks = FixedTasks(self._get("test"), self.num_test_tasks, self.seed, "test")
-        return fixed_task_loader(self._shard(tasks, "num_test_tasks"), self._batch_size(), self.num_workers)
+        return self._fixed_task_loader("test", self.evaluation.num_test_tasks, "num_test_tasks")
 
     def state_dict(self) -> dict:
         # Saved in checkpoints: a resumed fit continues the same task stream even if the global seed differs.
@@ -246,17 +285,19 @@ class MetaDataModule(L.LightningDataModule):
         # Evaluation batches only bound memory: no need for the meta-batch to divide evenly.
         return max(1, self.meta_batch_size // self._process()[1])
 
-    def _shard(self, tasks: FixedTasks, name: str):
-        """This process's fixed tasks: every world_size-th, from its rank (uneven shares are fine)."""
+    def _fixed_task_loader(self, split: str, num_tasks: int, name: str):
+        """This process's share of the split's fixed tasks: every world_size-th, from its rank (uneven
+        shares are fine)."""
+        tasks = FixedTasks(self._get(split), num_tasks, self.evaluation.seed, split)
         rank, world_size = self._process()
-        if world_size == 1:
-            return tasks
-        if len(tasks) < world_size:
-            raise ValueError(
-                f"data.{name}={len(tasks)} is fewer than the {world_size} DDP processes; set --data.{name} "
-                f"to {world_size} or more"
-            )
-        return Subset(tasks, range(rank, len(tasks), world_size))
+        if world_size > 1:
+            if num_tasks < world_size:
+                raise ValueError(
+                    f"data.evaluation.{name}={num_tasks} is fewer than the {world_size} DDP processes; set "
+                    f"--data.evaluation.{name} to {world_size} or more"
+                )
+            tasks = Subset(tasks, range(rank, num_tasks, world_size))
+        return fixed_task_loader(tasks, self._batch_size(), self.loading.num_workers)
 
     def _get(self, split: str):
         if split not in self._metadatasets:
@@ -283,27 +324,18 @@ class MetaDataModule(L.LightningDataModule):
 
 
 def _resolve_sampler(sampler: str, dataset: DatasetSpec) -> str:
-    """What `sampler` means for `dataset` ("tensor" or "torchmeta"), or a clear error."""
-    if sampler not in SAMPLERS:
-        raise ValueError(
-            f"data.sampler={sampler!r} is not one of {', '.join(SAMPLERS)}; set --data.sampler=auto (tensor "
-            "where supported), tensor or torchmeta"
-        )
+    """What `sampler` (one of SAMPLERS) means for `dataset` ("tensor" or "torchmeta"), or a clear error."""
     # The tensor sampler knows one regression task family (the sinusoid); any classification dataset
     # whose classes fit in memory works, but only Omniglot is chosen automatically.
     supported = isinstance(dataset, Sinusoid) or dataset.task_type == "classification"
     if sampler == "tensor" and not supported:
         raise ValueError(
-            f"data.sampler=tensor does not support {dataset.name} (regression tasks other than the "
-            "Sinusoid); set --data.sampler=torchmeta or auto"
+            f"data.loading.sampler=tensor does not support {dataset.name} (regression tasks other than the "
+            "Sinusoid); set --data.loading.sampler=torchmeta or auto"
         )
     if sampler == "auto":
         return "tensor" if isinstance(dataset, (Omniglot, Sinusoid)) else "torchmeta"
     return sampler
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _too_few_samples(where: str, shots: int, query_shots: int, available: int) -> str:

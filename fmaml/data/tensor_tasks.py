@@ -45,7 +45,7 @@ def pixel_map(augmentation, height: int, width: int) -> Tensor:
     they give the same image, except that a quarter turn swaps the order of PIL's two rounded resize
     passes: on Omniglot 2.3% of the pixels of a 90/270-degree class differ, by one grey level."""
     grid = torch.arange(height * width).reshape(height, width)
-    fix = "use --data.sampler=torchmeta"
+    fix = "use --data.loading.sampler=torchmeta"
     if augmentation is None:
         return grid.flatten()
     if isinstance(augmentation, (HorizontalFlip, VerticalFlip)):
@@ -55,12 +55,12 @@ def pixel_map(augmentation, height: int, width: int) -> Tensor:
             turns = augmentation.angle % 360 // 90
             if turns % 2 and height != width:
                 raise ValueError(
-                    f"data.sampler=tensor: the class augmentation {augmentation!r} needs square images, "
+                    f"data.loading.sampler=tensor: the class augmentation {augmentation!r} needs square images, "
                     f"got {height}x{width}; {fix}"
                 )
             return torch.rot90(grid, turns, dims=(0, 1)).flatten()  # counter-clockwise, like PIL
     raise ValueError(
-        f"data.sampler=tensor: the class augmentation {augmentation!r} has no pixel-permutation "
+        f"data.loading.sampler=tensor: the class augmentation {augmentation!r} has no pixel-permutation "
         f"equivalent (only rotations by multiples of 90 degrees and flips); {fix}"
     )
 
@@ -129,8 +129,8 @@ class InMemoryEpisodes:
                 images = torch.zeros(len(base), max(sizes), *x.shape[1:], dtype=torch.uint8)
             elif x.shape[1:] != images.shape[2:]:
                 raise ValueError(
-                    f"data.sampler=tensor needs images of one shape, got {tuple(x.shape[1:])} in class {c} "
-                    f"and {tuple(images.shape[2:])} before; use --data.sampler=torchmeta"
+                    f"data.loading.sampler=tensor needs images of one shape, got {tuple(x.shape[1:])} in class {c} "
+                    f"and {tuple(images.shape[2:])} before; use --data.loading.sampler=torchmeta"
                 )
             if images.dtype == torch.uint8:
                 pixels = _uint8_pixels(x)
