@@ -116,6 +116,11 @@ def test_each_process_gets_its_share_of_tasks():
         dm.meta_batch_size = 3
         dm.train_dataloader()
     dm.meta_batch_size = 4
+    dm.evaluation = EvaluationTasks(num_val_tasks=1)
+    with pytest.raises(
+        ValueError, match=r"data\.evaluation\.num_val_tasks=1 is fewer than the 2 DDP processes"
+    ):
+        dm.val_dataloader()
     dm.trainer._accelerator_connector.use_distributed_sampler = True
     with pytest.raises(ValueError, match="use_distributed_sampler=False"):
         dm.train_dataloader()
