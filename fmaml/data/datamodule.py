@@ -100,7 +100,7 @@ class Loading:
             )
 
 
-FIXED_EVALUATION, MAIN_PROCESS_LOADING = EvaluationTasks(), Loading()
+DEFAULT_EVALUATION, DEFAULT_LOADING = EvaluationTasks(), Loading()
 
 
 def resolve_root(root: str | None) -> str:
@@ -133,8 +133,8 @@ class MetaDataModule(L.LightningDataModule):
         query_shots: int = 15,
         meta_batch_size: int = 32,
         root: str | None = None,
-        evaluation: EvaluationTasks = FIXED_EVALUATION,
-        loading: Loading = MAIN_PROCESS_LOADING,
+        evaluation: EvaluationTasks = DEFAULT_EVALUATION,
+        loading: Loading = DEFAULT_LOADING,
     ):
         super().__init__()
         if not isinstance(dataset, DatasetSpec):
