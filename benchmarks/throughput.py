@@ -157,7 +157,12 @@ def measure(config: str, args: argparse.Namespace, logs: str) -> list[dict]:
         ]
     for sampler, variant, extra in variants:
         step = fit_step_time(
-            config, [*common, f"--data.loading.sampler={sampler}", *extra], logs, device, args.warmup, args.steps
+            config,
+            [*common, f"--data.loading.sampler={sampler}", *extra],
+            logs,
+            device,
+            args.warmup,
+            args.steps,
         )
         record(
             what="fit",
