@@ -26,6 +26,13 @@ def pytest_configure(config):
         config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """The tests marked slow first, the others after them in their order: xdist's workers take tests as
+    they free up, so a long test left for the end would run on alone while the other worker waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def auto_strategy_cache(tmp_path_factory):
     """strategy="auto" caches its measurements per device, model and shapes: keep the tests' out of the

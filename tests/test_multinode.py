@@ -135,6 +135,7 @@ def read_csv(path: str) -> list[tuple[int, float]]:
         return [(int(row["task"]), float(row["loss"])) for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_two_torchrun_nodes_equal_one_process(zygote, tmp_path, monkeypatch, capsys):
     from fmaml.cli import main
     from fmaml.curves import read_scalars

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh"
 PARTS = ["eager", "compiled", "plot", "memory", "auto_vs_fixed", "time_to_accuracy", "bf16"]
 EAGER_ENGINES = {
@@ -36,6 +38,7 @@ def outputs(part: dict) -> dict[str, Path]:
     return {Path(path).name: Path(path) for path in part["outputs"]}
 
 
+@pytest.mark.slow
 def test_smoke_mode_runs_every_part(tmp_path, zygote):
     # Every part's Python through the zygote (tests/zygote.py): the same command lines, each in a process of
     # its own, without 10+ s of imports per process; memory.py's cases too (its `sys.executable` is the
