@@ -4,6 +4,7 @@ default SGD inner loop (loop and vmap+recompute, each case in its own process) a
 sinusoid run in benchmarks/run_gpu.sh's smoke mode: tests/test_run_gpu_smoke.py asserts their records."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -104,7 +105,9 @@ def test_memory_benchmark_adam_smoke(tmp_path, zygote):
     command = [*zygote.run_command(), str(script), "--workload", "sinusoid", "--device", "cpu", "--engines"]
     command += ["higher,loop+recompute", "--steps-sweep", "2", "--meta-batch", "2", "--batch-sweep", ""]
     command += ["--inner-optimizer", "adam", "--repeats", "1", "--json", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # Its cases (a process each) forked from the zygote too: its `sys.executable` is the zygote's.
+    env = os.environ | {"ZYGOTE_PYTHON": zygote.python}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| adam | loop+recompute |" in done.stdout
     records = json.loads(out.read_text())

@@ -290,6 +290,7 @@ def test_real_omniglot_fast_dev_run(real_root):
 
 
 @pytest.mark.real_data
+@pytest.mark.slow
 def test_real_omniglot_5w1s_learns(real_root):
     """A few dozen meta-steps: adaptation must beat the unadapted model on the validation tasks."""
     cli = run(

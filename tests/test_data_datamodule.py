@@ -100,22 +100,32 @@ def test_val_test_tasks_are_fixed(omniglot_root):
     assert not torch.equal(val[0][0], all_batches(reseeded.val_dataloader())[0][0])
 
 
-def test_val_tasks_are_fixed_across_processes(omniglot_root):
-    # Another interpreter, with another str-hash seed, must give the very same validation tasks.
+def test_val_tasks_are_fixed_across_processes(omniglot_root, zygote):
+    # Another process, with another str-hash seed, must give the very same validation tasks. It prints its
+    # hash of a string (which tells its seed from this process's) and the tasks' checksum.
     code = (
         "import sys, torch; sys.path.insert(0, 'tests'); "
         "from test_data_datamodule import omniglot_dm, all_batches; from fmaml.data import Omniglot; "
         "dm = omniglot_dm(sys.argv[1], dataset=Omniglot(rotations=True)); "
-        "print(sum(float((x * (i + 1)).sum()) for i, b in enumerate(all_batches(dm.val_dataloader())) "
-        "for x in b))"
+        "print(hash('fmaml'), sum(float((x * (i + 1)).sum()) "
+        "for i, b in enumerate(all_batches(dm.val_dataloader())) for x in b))"
     )
     dm = omniglot_dm(omniglot_root, dataset=Omniglot(rotations=True))
     here = sum(float((x * (i + 1)).sum()) for i, b in enumerate(all_batches(dm.val_dataloader())) for x in b)
-    env = dict(os.environ, PYTHONHASHSEED="12345")
-    out = subprocess.run(
-        [sys.executable, "-c", code, omniglot_root], capture_output=True, text=True, env=env, check=True
-    )
-    assert float(out.stdout.strip().splitlines()[-1]) == here
+    # Forked from the zygote (tests/zygote.py: no 10+ s of imports), whose seed each interpreter draws at
+    # random as it starts: the zygote's, not this process's. Where PYTHONHASHSEED pins one seed for every
+    # interpreter, the zygote's too, a fresh interpreter with another seed instead.
+    child = zygote.popen(["-c", code, omniglot_root], stdout=subprocess.PIPE, text=True)
+    output = child.communicate(timeout=300)[0]
+    assert child.returncode == 0, output
+    if int(output.split()[-2]) == hash("fmaml"):
+        seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        command = [sys.executable, "-c", code, omniglot_root]
+        output = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    probe, there = output.split()[-2:]
+    assert int(probe) != hash("fmaml")  # another hash seed indeed
+    assert float(there) == here
 
 
 def test_train_tasks_are_random_and_reproducible(omniglot_root):

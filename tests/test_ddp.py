@@ -129,8 +129,9 @@ def test_each_process_gets_its_share_of_tasks():
 @pytest.mark.slow
 def test_cli_fit_and_test_with_ddp(zygote, tmp_path, monkeypatch, capsys):
     """`python -m fmaml fit|test --trainer.strategy=ddp --trainer.devices=2` as a user runs it: the fit in a
-    fresh interpreter; the test's first process forked from the zygote (tests/zygote.py: no 10+ s of
-    imports), Lightning starting the second as a fresh `python -m fmaml` (as for the fit)."""
+    fresh interpreter, Lightning starting the second process as a fresh `python -m fmaml`; the test's two
+    processes forked from the zygote (tests/zygote.py: no 10+ s of imports each), the second started by
+    Lightning with the same command line, its `sys.executable` being the zygote's (ZYGOTE_PYTHON)."""
     common = [
         "--config",
         os.path.join(REPO, "configs", "sinusoid.yaml"),
@@ -150,7 +151,8 @@ def test_cli_fit_and_test_with_ddp(zygote, tmp_path, monkeypatch, capsys):
             if fresh:
                 process = subprocess.Popen([sys.executable, *command], cwd=tmp_path, **streams)
             else:
-                process = zygote.popen(command, cwd=tmp_path, **streams)
+                env = os.environ | {"ZYGOTE_PYTHON": zygote.python}
+                process = zygote.popen(command, cwd=tmp_path, env=env, **streams)
             output = process.communicate(timeout=300)[0]
             stderr.seek(0)
             assert process.returncode == 0, output[-3000:] + stderr.read()[-3000:]

@@ -213,6 +213,7 @@ def check_kills(zygote, tmp_path, args, random_kills, kills_in_writes, seed):
     return report
 
 
+@pytest.mark.slow
 def test_sinusoid_survives_sigkill_at_random_moments_and_during_writes(zygote, tmp_path):
     report = check_kills(zygote, tmp_path, SINUSOID, random_kills=2, kills_in_writes=[2], seed=0)
     assert report["kills"] == 3
@@ -221,6 +222,7 @@ def test_sinusoid_survives_sigkill_at_random_moments_and_during_writes(zygote, t
     assert steps == sorted(steps) and len(set(steps)) >= 2, report
 
 
+@pytest.mark.slow
 def test_tiny_omniglot_survives_sigkill_with_time_based_checkpoints(zygote, tmp_path, tmp_path_factory):
     root = tiny_omniglot_root(tmp_path_factory)
     report = check_kills(

@@ -74,6 +74,7 @@ def test_wandb_offline_writes_a_run_beside_tensorboard(tmp_path, monkeypatch):
     assert (version / "checkpoints" / "last.ckpt").is_file() and "val/loss" in tensorboard_scalars(version)
 
 
+@pytest.mark.slow
 def test_mlflow_logs_metrics_and_config_to_a_sqlite_database(tmp_path, monkeypatch):
     pytest.importorskip("mlflow", reason="mlflow is an optional extra (in the dev group)")
     from mlflow.tracking import MlflowClient

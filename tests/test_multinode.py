@@ -6,8 +6,10 @@ After 3 meta-steps the two nodes hold the weights one process gets with the whol
 validation loss, the per-task test values and the printed test mean ± CI equal one process's.
 
 Each node's process runs this file (see the bottom): the fmaml commands, one after the other, through
-`fmaml.cli.command_line`, what `python -m fmaml` runs. One process per node for all of them: every
-interpreter start costs 10-30 s of imports on this CPU.
+`fmaml.cli.command_line`, what `python -m fmaml` runs. One process per node for all of them, and forked
+from the zygote (tests/zygote.py, given to torchrun as its PYTHON_EXEC): every interpreter start costs 10-30
+s of imports on this CPU. torchrun itself, the agent that starts the node's process and joins the nodes,
+is the real command.
 
 Also, in-process: the processes' shares of a meta-batch make up one process's (both samplers), two nodes
 prepare one shared data folder at once, and configs/slurm/fmaml.sbatch runs a valid fmaml command.
@@ -89,8 +91,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_two_nodes(commands: list[list[str]], cwd) -> list[tuple[subprocess.Popen, str]]:
+def start_two_nodes(commands: list[list[str]], cwd, python: str) -> list[tuple[subprocess.Popen, str]]:
+    """The two torchrun commands; `python` is the executable torchrun starts each node's process with."""
     port, nodes = free_port(), []
+    env = os.environ | {"PYTHON_EXEC": python}
     for node_rank in (0, 1):
         log = os.path.join(cwd, f"node{node_rank}.log")
         launch = [TORCHRUN, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node_rank}"]
@@ -98,7 +102,7 @@ def start_two_nodes(commands: list[list[str]], cwd) -> list[tuple[subprocess.Pop
         with open(log, "w") as out:  # a file, not a pipe: a full pipe would stall a node
             # Its own session: a timeout kills the node's agent and its worker together.
             process = subprocess.Popen(
-                launch, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                launch, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         nodes.append((process, log))
     return nodes
@@ -131,7 +135,8 @@ def read_csv(path: str) -> list[tuple[int, float]]:
         return [(int(row["task"]), float(row["loss"])) for row in csv.DictReader(f)]
 
 
-def test_two_torchrun_nodes_equal_one_process(tmp_path, monkeypatch, capsys):
+@pytest.mark.slow
+def test_two_torchrun_nodes_equal_one_process(zygote, tmp_path, monkeypatch, capsys):
     from fmaml.cli import main
     from fmaml.curves import read_scalars
 
@@ -139,7 +144,7 @@ def test_two_torchrun_nodes_equal_one_process(tmp_path, monkeypatch, capsys):
     ckpt = os.path.join(run_dir(nodes_root, "vmap"), "checkpoints", "last.ckpt")
     commands = [fit_args(nodes_root, s, *TWO_NODES) for s in STRATEGIES]
     commands.append(evaluation_args(nodes_root, ckpt, "test", *TWO_NODES))
-    nodes = start_two_nodes(commands, tmp_path)
+    nodes = start_two_nodes(commands, tmp_path, python=zygote.python)
     monkeypatch.chdir(tmp_path)
     for strategy in STRATEGIES:  # one process with the whole meta-batch, here while the nodes run
         main(fit_args(single_root, strategy))

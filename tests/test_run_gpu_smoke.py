@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh"
 PARTS = ["eager", "compiled", "plot", "memory", "auto_vs_fixed", "time_to_accuracy", "bf16"]
 EAGER_ENGINES = {
@@ -36,12 +38,15 @@ def outputs(part: dict) -> dict[str, Path]:
     return {Path(path).name: Path(path) for path in part["outputs"]}
 
 
+@pytest.mark.slow
 def test_smoke_mode_runs_every_part(tmp_path, zygote):
     # Every part's Python through the zygote (tests/zygote.py): the same command lines, each in a process of
-    # its own, without 10+ s of imports per process (memory.py's cases still start their own interpreters).
+    # its own, without 10+ s of imports per process; memory.py's cases too (its `sys.executable` is the
+    # zygote's, ZYGOTE_PYTHON: each case still in a process of its own, forked before any case ran).
     # So the parts' CPU seconds are the zygote client's only: measured below on a part run by real
     # interpreters.
-    done = run_gpu_script(tmp_path, timeout=900, python=" ".join(zygote.run_command()))
+    zygote_python = {"python": " ".join(zygote.run_command()), "ZYGOTE_PYTHON": zygote.python}
+    done = run_gpu_script(tmp_path, timeout=900, **zygote_python)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     result = summary(tmp_path)
     assert (result["mode"], result["device"], result["failed"]) == ("smoke", "cpu", [])

@@ -108,6 +108,7 @@ def test_ctrl_c_during_training_still_stops_and_saves(in_tmp, monkeypatch):
     assert torch.load(last, weights_only=False)["global_step"] == 3
 
 
+@pytest.mark.slow
 def test_python_m_fmaml_without_data(tmp_path, monkeypatch):
     """As a user meets it: the first run without data. Then the same with FMAML_DEBUG=1 (in-process: its
     exception, raised out of `command_line`, is what the interpreter prints as the traceback)."""

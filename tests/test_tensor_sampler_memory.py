@@ -135,7 +135,9 @@ def test_images_of_another_shape_are_refused():
 
 
 # A load of 400 classes x 20 images 1x84x84 (56 MB as uint8, 226 MB as float32) made one at a time, in
-# a fresh process: the growth of its peak resident memory over the load, and the final tensor's size.
+# a fresh process (forked from the zygote, tests/zygote.py, before it ran anything: not this test process,
+# whose heap earlier tests grew): the growth of its peak resident memory over the load, and the final
+# tensor's size.
 # VmHWM, not getrusage's ru_maxrss: on Linux that also counts the peak of the memory replaced at exec, the
 # (v)forked parent's: a pytest process grown past this one would set it.
 MEASURE = textwrap.dedent(
@@ -165,11 +167,12 @@ MEASURE = textwrap.dedent(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_loading_a_split_peaks_at_little_more_than_its_uint8_tensor():
+def test_loading_a_split_peaks_at_little_more_than_its_uint8_tensor(zygote):
     script = MEASURE.format(tests=str(Path(__file__).parent))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    process = zygote.popen(["-c", script], stdout=subprocess.PIPE, text=True)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output
+    result = json.loads(output.strip().splitlines()[-1])
     assert result["dtype"] == "torch.uint8" and result["nbytes"] == 400 * 20 * 84 * 84
     assert result["growth"] <= 1.5 * result["nbytes"], (
         f"loading grew the peak resident memory by {result['growth'] / 2**20:.0f} MB, "

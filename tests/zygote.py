@@ -9,12 +9,16 @@ single-threaded: it imports, then only waits on its socket and forks. A child se
 directory, argv, standard streams and torch's thread count (OMP_NUM_THREADS, as a fresh interpreter reads
 it) from the request before running anything.
 
-Two clients:
+Three clients:
 - in a test, `Zygote.popen(argv, env=..., cwd=..., stdout=...)`: a Popen-like object (pid, poll, wait,
   send_signal, kill, returncode);
 - in a shell script, `python tests/zygote.py --run SOCKET ARGS...` (e.g. as benchmarks/run_gpu.sh's PY): a
   tiny interpreter (no imports beyond the standard library) that hands its own standard streams to the
-  child, forwards SIGTERM and SIGINT to it, and exits as the child did.
+  child, forwards SIGTERM and SIGINT to it, and exits as the child did;
+- where a program starts `python` itself: `Zygote.python`, an executable that is that tiny interpreter with
+  its socket, e.g. torchrun's PYTHON_EXEC for its workers. A child whose environment has ZYGOTE_PYTHON set
+  to it has it as its `sys.executable`, so that the Python processes it starts (Lightning's DDP processes,
+  benchmarks/memory.py's cases) are forked from the zygote too.
 Not for a test of what a fresh interpreter does at start-up (imports, the hash seed: a child inherits the
 zygote's), nor of a process whose own import time is the point.
 """
@@ -25,6 +29,7 @@ import array
 import json
 import os
 import selectors
+import shlex
 import signal
 import socket
 import struct
@@ -33,6 +38,7 @@ import sys
 import time
 
 PRELOAD = ["fmaml.cli", "fmaml.sweep", "higher", "tensorboard.backend.event_processing.event_file_loader"]
+PYTHON_VARIABLE = "ZYGOTE_PYTHON"  # in a child's environment: the `sys.executable` it gets
 
 
 # ------------------------------------------------------------------------------------------------ protocol
@@ -92,6 +98,11 @@ def _run_child(request: dict, fds: list[int]) -> int:
     threads = os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(int(threads) if threads and threads.isdigit() else TORCH_THREADS)
     argv = request["argv"]
+    if argv[0] == "-u":  # as torchrun starts its workers: unbuffered standard streams
+        argv = argv[1:]
+        sys.stdout, sys.stderr = (_unbuffered(stream) for stream in (sys.stdout, sys.stderr))
+    if os.environ.get(PYTHON_VARIABLE):
+        sys.executable = os.environ[PYTHON_VARIABLE]
     code = 0
     try:
         if argv[0] == "-c":
@@ -120,6 +131,14 @@ def _run_child(request: dict, fds: list[int]) -> int:
         traceback.print_exc()
         code = 1
     return code
+
+
+def _unbuffered(stream):
+    """What `python -u` makes of a standard stream: every write reaches its file descriptor at once."""
+    import io
+
+    raw = io.FileIO(stream.fileno(), "w", closefd=False)
+    return io.TextIOWrapper(raw, encoding=stream.encoding, errors=stream.errors, write_through=True)
 
 
 def _child_main(request: dict, fds: list[int]) -> None:
@@ -165,6 +184,9 @@ def serve(path: str) -> None:
                         except ProcessLookupError:
                             pass
                     os._exit(0)  # nothing to clean up: skip the seconds of torch's interpreter teardown
+            elif isinstance(key.data, int):  # a `--run` client was killed: its child goes with it, as its
+                selector.unregister(key.fileobj)  # own process would have
+                os.kill(key.data, signal.SIGKILL)
             elif key.data == "accept":
                 connection, _ = listener.accept()
                 try:
@@ -184,6 +206,8 @@ def serve(path: str) -> None:
                 for fd in fds:
                     os.close(fd)
                 children[pid] = connection
+                if request.get("die_with_client"):
+                    selector.register(connection, selectors.EVENT_READ, pid)
                 try:
                     _send(connection, {"pid": pid})
                 except OSError:
@@ -197,6 +221,10 @@ def serve(path: str) -> None:
                 break
             connection = children.pop(pid, None)
             if connection is not None:
+                try:
+                    selector.unregister(connection)  # a `--run` client's
+                except KeyError:
+                    pass
                 try:
                     _send(connection, {"returncode": os.waitstatus_to_exitcode(status)})
                 except OSError:
@@ -309,6 +337,10 @@ class Zygote:
         line = self._process.stdout.readline()
         if line.strip() != "ready":
             raise RuntimeError(f"the zygote did not start (exit {self._process.wait()})")
+        self.python = os.path.join(os.path.dirname(self.path), "python")
+        with open(self.python, "w") as script:
+            script.write(f'#!/bin/sh\nexec {shlex.join(self.run_command())} "$@"\n')
+        os.chmod(self.python, 0o755)
 
     def popen(
         self, argv, env=None, cwd=None, stdin=None, stdout=None, stderr=None, text=False,
@@ -359,7 +391,8 @@ class Zygote:
 def run(path: str, argv: list[str]) -> None:
     """`python zygote.py --run SOCKET ARGS...`: `python ARGS...` through the zygote, with this process's
     streams, environment and working directory; SIGTERM and SIGINT are passed on; exits as the child did."""
-    connection = _connect(path, {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}, [0, 1, 2])
+    request = {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "die_with_client": True}
+    connection = _connect(path, request, [0, 1, 2])
     pid = _recv(connection)[0]["pid"]
 
     def forward(sig, _frame):
