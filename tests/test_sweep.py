@@ -245,7 +245,8 @@ def test_two_workers_on_one_storage_run_each_grid_point_once(zygote, tmp_path):
     grid = ["--grid", "model.inner_loop.steps=1,2", "--grid", "model.inner_loop.optimizer.lr=0.01,0.02"]
     workers = [sweep_process_with_trials_in_process(zygote, tmp_path, *grid) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs
+    # Both outputs in full on failure (pytest shortens a list's repr): each ends with its worker's table.
+    assert [w.returncode for w in workers] == [0, 0], "\n\n".join(outputs)
     runs = sorted(
         os.path.basename(os.path.dirname(p)) for p in glob.glob(str(tmp_path / "sweeps/s/*/output.log"))
     )
