@@ -18,7 +18,7 @@ SINUSOID = config("sinusoid.yaml")
 # Written by fmaml 075ee8a, the last commit with model.inner_lr / model.learn_inner_lr (22 KB):
 #   python -m fmaml fit --config configs/sinusoid.yaml --model.learn_inner_lr=per_parameter
 #     --model.network.hidden=[8,8] --model.strategy=loop --trainer.max_steps=3 --trainer.limit_val_batches=0
-#     --trainer.accelerator=cpu --data.meta_batch_size=2 --data.evaluation.num_val_tasks=2 --data.evaluation.num_test_tasks=4
+#     --trainer.accelerator=cpu --data.meta_batch_size=2 --data.num_val_tasks=2 --data.num_test_tasks=4
 OLD_METASGD_CKPT = os.path.join(os.path.dirname(__file__), "data", "sinusoid_metasgd_075ee8a.ckpt")
 LEARNED_ADAM = [
     "--model.inner_loop.optimizer=fmaml.inner_optimizers.Adam",

@@ -218,10 +218,10 @@ class MetaDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self):
-        return self._fixed_task_loader("val", self.evaluation.num_val_tasks, "num_val_tasks")
+        return self._fixed_task_loader("val")
 
     def test_dataloader(self):
-        return self._fixed_task_loader("test", self.evaluation.num_test_tasks, "num_test_tasks")
+        return self._fixed_task_loader("test")
 
     def state_dict(self) -> dict:
         # Saved in checkpoints: a resumed fit continues the same task stream even if the global seed differs.
@@ -285,9 +285,11 @@ class MetaDataModule(L.LightningDataModule):
         # Evaluation batches only bound memory: no need for the meta-batch to divide evenly.
         return max(1, self.meta_batch_size // self._process()[1])
 
-    def _fixed_task_loader(self, split: str, num_tasks: int, name: str):
-        """This process's share of the split's fixed tasks: every world_size-th, from its rank (uneven
-        shares are fine)."""
+    def _fixed_task_loader(self, split: str):
+        """This process's share of the split's fixed tasks (`evaluation.num_<split>_tasks`): every
+        world_size-th, from its rank (uneven shares are fine)."""
+        name = f"num_{split}_tasks"
+        num_tasks = getattr(self.evaluation, name)
         tasks = FixedTasks(self._get(split), num_tasks, self.evaluation.seed, split)
         rank, world_size = self._process()
         if world_size > 1:
