@@ -261,6 +261,42 @@ def test_two_workers_on_one_storage_run_each_grid_point_once(zygote, tmp_path):
     assert any("4 complete" in out for out in outputs), outputs
 
 
+def test_two_workers_asking_at_once_never_take_the_same_queued_trial(tmp_path, monkeypatch):
+    """Optuna takes a queued trial by reading that it waits, then marking it running. On SQLite that read
+    took no lock: two workers could both read "waiting" and both run the trial, and the second to finish
+    crashed telling a finished trial (the two-workers test failed so, now and then, on a busy machine).
+    Here the two reads are made to meet, as a busy machine makes them now and then: each worker, having
+    read the trial's state, waits (up to 3 s) for the other to read it too. Each worker is a thread with
+    its own connection, as a process would have."""
+    study, _ = fmaml.sweep.open_study(f"sqlite:///{tmp_path}/optuna.db", "s", "minimize", 30.0, 0)
+    study.enqueue_trial({"x": 1})
+    both_read = threading.Barrier(2)
+    waited = []
+    check = optuna.storages.RDBStorage.check_trial_is_updatable
+
+    def read_then_wait_for_the_other(self, trial_id, trial_state):
+        if trial_state == optuna.trial.TrialState.WAITING:  # the queued trial's state, just read
+            waited.append(trial_id)
+            try:
+                both_read.wait(timeout=3)
+            except threading.BrokenBarrierError:  # the other is held until this one is done: as it must be
+                pass
+        return check(self, trial_id, trial_state)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "check_trial_is_updatable", read_then_wait_for_the_other)
+    distributions = {"x": optuna.distributions.CategoricalDistribution([1, 2])}
+    taken = []
+    workers = [
+        threading.Thread(target=lambda: taken.append(study.ask(distributions).number)) for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert waited, "the queued trial's state was not checked where this test waits: see Optuna's pop"
+    assert sorted(taken) == [0, 1], f"both workers took trial {taken[0]}" if taken[0] == taken[1] else taken
+
+
 @pytest.mark.slow
 def test_search_reports_its_best_trial_from_the_storage(trials_in_process, tmp_path, capsys):
     code = main(
