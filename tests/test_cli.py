@@ -301,7 +301,7 @@ def test_real_omniglot_5w1s_learns(real_root):
         "--trainer.max_steps=30",
         "--trainer.val_check_interval=30",
         "--model.network.filters=32",
-        "--data.meta_batch_size=8",
+        "--data.meta_batch_size=4",  # 0.52 vs 0.19 here (8 tasks: 0.55 vs 0.20, in 1.6x the time)
         "--data.evaluation.num_val_tasks=40",
         "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
