@@ -191,8 +191,9 @@ def test_miniimagenet_fast_dev_run(tmp_path, monkeypatch):
 
 
 def test_only_the_named_subcommand_is_built_and_a_typo_lists_every_one(tmp_path, monkeypatch, capsys):
-    """`python -m fmaml fit ...` builds the fit parser alone (fmaml.cli.MAMLCLI: a third of the start-up);
-    a command line that names none, or a misspelt one, gets all four, so its usage lists them."""
+    """`python -m fmaml fit ...` builds the fit parser alone (fmaml.cli.MAMLCLI: the other three took most
+    of the CLI's start-up); a command line that names none, or a misspelt one, gets all four, so that its
+    usage lists them."""
     monkeypatch.chdir(tmp_path)
     cli = main(
         ["validate", "--config", config("sinusoid.yaml"), "--ckpt_path=initial", *TINY], exit_on_error=False
